@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-loopmdm",
+    version="0.1.0",
+    description="Looped masked diffusion language models on megatron-core and DeepSpeed",
+    packages=find_packages(include=["megatron_loopmdm", "megatron_loopmdm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "packaging>=24.2",
+        # megatron-core is pinned and installed by scripts/install.sh with --no-deps, because
+        # its wheel declares Python >=3.12 while working on 3.11.
+        "deepspeed==0.19.8",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "datasets>=2.19",
+        "safetensors",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest>=8", "ruff"]},
+)
