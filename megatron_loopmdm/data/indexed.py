@@ -1,0 +1,119 @@
+"""Checking `.bin`/`.idx` pairs before megatron-core opens them, so bad files give clear errors.
+
+megatron-core's `IndexedDataset` asserts on a missing file or a bad header and otherwise trusts
+the index; a truncated or mismatched pair surfaces later as a numpy or segfault-like failure. These
+checks read only the 34-byte header and file sizes (plus the first document for `check_vocab`).
+"""
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy
+
+import megatron_loopmdm  # noqa: F401
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+_HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence and document counts
+
+
+class IndexedDatasetError(ValueError):
+    """A `.bin`/`.idx` pair that cannot be used; the message says which file and why."""
+
+
+@dataclass
+class IndexedDatasetInfo:
+    """What the header of an `.idx` file says."""
+
+    prefix: str
+    dtype: type
+    num_sequences: int
+    num_documents: int
+    """Number of documents (the index stores one more boundary than this)."""
+    num_tokens: int
+
+
+def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
+    """Validates the pair at `prefix` (header, sizes, document boundaries) without trusting it.
+
+    Raises:
+        FileNotFoundError: `.bin` or `.idx` is missing.
+        IndexedDatasetError: The files are corrupt, truncated or do not belong together.
+    """
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    missing = [p for p in (idx_path, bin_path) if not os.path.isfile(p)]
+    if missing:
+        hint = ""
+        if os.path.exists(prefix + ".bin") or os.path.exists(prefix + ".idx"):
+            hint = " (only half of the pair exists: an interrupted preprocessing run?)"
+        raise FileNotFoundError(
+            f"Indexed dataset {prefix!r}: missing {', '.join(missing)}{hint}. --data-path takes "
+            "prefixes without the .bin/.idx suffix."
+        )
+    idx_size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as f:
+        header = f.read(_HEADER_BYTES)
+    if len(header) < _HEADER_BYTES or header[:9] != _INDEX_HEADER:
+        raise IndexedDatasetError(f"{idx_path} is not a Megatron index file (bad header).")
+    version, code, num_sequences, num_boundaries = struct.unpack("<QBQQ", header[9:])
+    if version != 1:
+        raise IndexedDatasetError(f"{idx_path}: unsupported index version {version}.")
+    try:
+        dtype = DType.dtype_from_code(code)
+    except ValueError:
+        raise IndexedDatasetError(f"{idx_path}: unknown token dtype code {code}.") from None
+    expected = _HEADER_BYTES + 12 * num_sequences + 8 * num_boundaries
+    if idx_size not in (expected, expected + num_sequences):  # + optional multimodal modes
+        raise IndexedDatasetError(
+            f"{idx_path} is truncated or corrupt: {idx_size} bytes, but its header describes "
+            f"{num_sequences} sequences and {num_boundaries} document boundaries ({expected} "
+            "bytes)."
+        )
+    lengths = numpy.fromfile(idx_path, dtype=numpy.int32, count=num_sequences,
+                             offset=_HEADER_BYTES)
+    boundaries = numpy.fromfile(
+        idx_path, dtype=numpy.int64, count=num_boundaries, offset=_HEADER_BYTES + 12 * num_sequences
+    )
+    if num_boundaries == 0 or boundaries[0] != 0 or boundaries[-1] != num_sequences or (
+        numpy.any(numpy.diff(boundaries) < 0)
+    ):
+        raise IndexedDatasetError(f"{idx_path}: corrupt document boundaries.")
+    num_tokens = int(lengths.sum(dtype=numpy.int64))
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != num_tokens * numpy.dtype(dtype).itemsize:
+        raise IndexedDatasetError(
+            f"{bin_path} has {bin_size} bytes but {idx_path} indexes {num_tokens} "
+            f"{numpy.dtype(dtype).name} tokens ({num_tokens * numpy.dtype(dtype).itemsize} "
+            "bytes): the pair is truncated or does not belong together."
+        )
+    return IndexedDatasetInfo(prefix, dtype, num_sequences, num_boundaries - 1, num_tokens)
+
+
+def check_vocab(info: IndexedDatasetInfo, vocab_size: int, tokenizer_name: str = "tokenizer"):
+    """Checks that the dataset was written for a vocabulary like the tokenizer's.
+
+    Preprocessing picks the dtype from the vocabulary size (`DType.optimal_dtype`), so a dtype
+    other than the tokenizer's means another tokenizer wrote the data; a token id at or above the
+    vocabulary size in the first document means the same.
+
+    Raises:
+        IndexedDatasetError: The dataset does not match the tokenizer.
+    """
+    expected = DType.optimal_dtype(vocab_size)
+    if info.dtype != expected:
+        raise IndexedDatasetError(
+            f"{info.prefix}: tokens are {numpy.dtype(info.dtype).name}, but the {tokenizer_name} "
+            f"has {vocab_size} tokens, for which preprocessing writes "
+            f"{numpy.dtype(expected).name}: the data was made with a different tokenizer."
+        )
+    if info.num_tokens == 0:
+        return
+    with open(info.prefix + ".idx", "rb") as f:
+        f.seek(_HEADER_BYTES)
+        first_len = struct.unpack("<i", f.read(4))[0]
+    first = numpy.fromfile(info.prefix + ".bin", dtype=info.dtype, count=min(first_len, 1 << 20))
+    if first.size and int(first.max()) >= vocab_size:
+        raise IndexedDatasetError(
+            f"{info.prefix}: token id {int(first.max())} is outside the {tokenizer_name}'s "
+            f"vocabulary of {vocab_size}: the data was made with a different tokenizer."
+        )

@@ -1,0 +1,82 @@
+"""Concatenating indexed datasets (e.g. preprocessing shards) into one, in the given order.
+
+Uses megatron-core's `IndexedDatasetBuilder.add_index`, as Megatron-LM's merge tool does, so the
+merge of shards 0..n-1 of a corpus is byte for byte the single-shot output.
+"""
+
+import os
+import re
+from typing import List, Sequence
+
+import megatron_loopmdm  # noqa: F401
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron_loopmdm.data.indexed import IndexedDatasetError, check_indexed_dataset
+
+_SHARD_NAME = re.compile(r"-shard(\d{5})-of-(\d{5})")
+
+
+def find_prefixes(directory: str) -> List[str]:
+    """All `.bin`/`.idx` prefixes in `directory`, sorted by name."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Not a directory: {directory}")
+    names = sorted(n[: -len(".idx")] for n in os.listdir(directory) if n.endswith(".idx"))
+    if not names:
+        raise FileNotFoundError(f"No .idx files in {directory}.")
+    return [os.path.join(directory, n) for n in names]
+
+
+def check_shard_set(prefixes: Sequence[str]) -> None:
+    """If the prefixes are named as shards `-shardIIIII-of-NNNNN`, all n must be there, in order."""
+    matches = [_SHARD_NAME.search(os.path.basename(p)) for p in prefixes]
+    if not any(matches):
+        return
+    if not all(matches):
+        raise ValueError("Mixing shard outputs with other datasets; merge one shard set at a time.")
+    counts = {int(m.group(2)) for m in matches}
+    if len(counts) != 1:
+        raise ValueError(f"Shards of different shard counts {sorted(counts)} cannot be merged.")
+    (num_shards,) = counts
+    indices = [int(m.group(1)) for m in matches]
+    missing = sorted(set(range(num_shards)) - set(indices))
+    if missing:
+        raise ValueError(f"Missing shard(s) {missing} of {num_shards}; run them before merging.")
+    if indices != sorted(indices) or len(indices) != len(set(indices)):
+        raise ValueError(f"Shards must be given once each, in order; got {indices}.")
+
+
+def merge_indexed_datasets(prefixes: Sequence[str], output_prefix: str) -> str:
+    """Writes the concatenation of `prefixes` to `output_prefix` (temporary names, then rename).
+
+    Raises:
+        FileNotFoundError, IndexedDatasetError: An input is missing or corrupt.
+        ValueError: Inputs of different token dtypes, or an incomplete shard set.
+    """
+    if not prefixes:
+        raise ValueError("Nothing to merge.")
+    check_shard_set(prefixes)
+    infos = [check_indexed_dataset(p) for p in prefixes]
+    dtypes = {info.dtype for info in infos}
+    if len(dtypes) != 1:
+        raise IndexedDatasetError(
+            "Inputs have different token dtypes "
+            + ", ".join(f"{i.prefix}: {i.dtype.__name__}" for i in infos)
+            + "; they were made with different tokenizers."
+        )
+    tmp = f"{output_prefix}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=infos[0].dtype)
+    try:
+        for prefix in prefixes:
+            builder.add_index(prefix)
+        builder.finalize(tmp + ".idx")
+        if os.path.exists(output_prefix + ".idx"):
+            os.remove(output_prefix + ".idx")
+        os.replace(tmp + ".bin", output_prefix + ".bin")
+        os.replace(tmp + ".idx", output_prefix + ".idx")
+    except BaseException:
+        builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            if os.path.exists(tmp + suffix):
+                os.remove(tmp + suffix)
+        raise
+    return output_prefix

@@ -1,0 +1,114 @@
+"""Configuration of the loop block and of the LoopMDM language model.
+
+The transformer itself is configured by megatron-core's `TransformerConfig`; these dataclasses
+hold what LoopMDM adds. Each validates itself on construction and says what to change.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+LOOP_SAMPLINGS = ("uniform", "fixed", "poisson-lognormal")
+INPUT_INJECTIONS = ("none", "add", "concat")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+
+
+@dataclass
+class LoopConfig:
+    """Which layers loop, how often, and how the loops are trained."""
+
+    loop_layers: tuple[int, int] = (1, 2)
+    """The looped span `(start, end)`: 0-based global layer indices, end exclusive."""
+
+    max_loops: int = 4
+    """S_max: the largest loop count drawn in training. Inference accepts any S >= 1."""
+
+    loop_sampling: str = "uniform"
+    """How S is drawn per training step: `uniform` over 1..max_loops, `fixed` (always
+    max_loops), or `poisson-lognormal`, a heavy-tailed draw (as in recurrent-depth models) with
+    mean near (max_loops + 1) / 2, clipped to 1..max_loops."""
+
+    input_injection: str = "none"
+    """Re-inject the prelude output before loops 2..S: `none` (plain residual carry), `add`
+    (h + e), or `concat` (a linear adapter on [h; e], initialised to pass h through)."""
+
+    loop_embedding: bool = False
+    """Add a learned loop-index embedding (zero-initialised) before every loop. Loop indices
+    beyond max_loops reuse the last row."""
+
+    backprop_depth: Optional[int] = None
+    """Truncated backprop: gradients flow through the last k loops only. None means all.
+    Earlier loops run without autograd; the prelude then learns only through input injection."""
+
+    def __post_init__(self):
+        self.loop_layers = tuple(self.loop_layers)
+        start, end = self.loop_layers
+        if not 0 <= start < end:
+            raise ValueError(
+                f"loop_layers={self.loop_layers} must be (start, end) with 0 <= start < end "
+                "(0-based layer indices, end exclusive); e.g. --loop-layers 2 4 loops layers 2, 3."
+            )
+        if self.max_loops < 1:
+            raise ValueError(f"max_loops={self.max_loops}: the loop count must be at least 1.")
+        if self.loop_sampling not in LOOP_SAMPLINGS:
+            raise ValueError(
+                f"loop_sampling={self.loop_sampling!r}: choose one of {', '.join(LOOP_SAMPLINGS)}."
+            )
+        if self.input_injection not in INPUT_INJECTIONS:
+            raise ValueError(
+                f"input_injection={self.input_injection!r}: choose one of "
+                f"{', '.join(INPUT_INJECTIONS)}."
+            )
+        if self.backprop_depth is not None and self.backprop_depth < 1:
+            raise ValueError(
+                f"backprop_depth={self.backprop_depth}: backprop through at least 1 loop, or "
+                "leave it unset to backprop through all loops."
+            )
+
+    @property
+    def num_loop_layers(self) -> int:
+        return self.loop_layers[1] - self.loop_layers[0]
+
+    def validate_for(self, num_layers: int) -> None:
+        """Checks that the looped span lies inside a model of `num_layers` layers."""
+        if self.loop_layers[1] > num_layers:
+            raise ValueError(
+                f"loop_layers={self.loop_layers} reaches past the last layer of a "
+                f"{num_layers}-layer model; the end index must be <= {num_layers}."
+            )
+
+
+@dataclass
+class LoopMDMModelConfig:
+    """What the language model needs beyond the transformer and the loop block."""
+
+    vocab_size: int
+    """The (padded) vocabulary size, [MASK] included."""
+
+    max_sequence_length: int
+    """The longest sequence the position embedding serves."""
+
+    mask_token_id: int
+    """The reserved [MASK] id. Its logit is -inf (SUBS), so it is never predicted."""
+
+    position_embedding_type: str = "rope"
+    """`rope` or `learned_absolute`."""
+
+    rotary_base: int = 10000
+    """RoPE base."""
+
+    share_embeddings_and_output_weights: bool = True
+    """Tie the output layer to the input embedding."""
+
+    def __post_init__(self):
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"position_embedding_type={self.position_embedding_type!r}: choose one of "
+                f"{', '.join(POSITION_EMBEDDINGS)}."
+            )
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(
+                f"mask_token_id={self.mask_token_id} is outside the vocabulary of size "
+                f"{self.vocab_size}; the [MASK] token must be part of the vocabulary."
+            )
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length={self.max_sequence_length} must be positive.")

@@ -1,0 +1,134 @@
+"""A few real training steps of the debug model under one parallel layout (run by torchrun).
+
+The tests launch this script with different tensor / pipeline / data-parallel layouts and
+compare what it writes: per step, the loop count S drawn, the global per-token loss and the
+gradient norm. Every layout starts from the same weights (layout-independent init) and sees
+the same global batches and the same diffusion noise, so all must agree.
+"""
+
+import argparse
+import json
+import os
+
+import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron)
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+
+from megatron_loopmdm.distributed.parallel import (
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+    set_seed,
+)
+from megatron_loopmdm.models.builder import loop_config_for, transformer_config
+from megatron_loopmdm.models.config import LoopMDMModelConfig
+from megatron_loopmdm.models.loop_sampling import draw_num_loops
+from megatron_loopmdm.models.sizes import get_model_size
+from megatron_loopmdm.training.setup import (
+    build_model_chunks,
+    build_optimizer,
+    default_optimizer_config,
+    wrap_with_ddp,
+)
+from megatron_loopmdm.training.step import DiffusionConfig, make_forward_step, train_step
+
+VOCAB = 128
+MASK_ID = 127
+SEQ = 32
+
+
+def global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch: tokens [size, SEQ] and their global sample indices."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, MASK_ID, (size, SEQ), generator=generator)
+    return tokens, torch.arange(step * size, (step + 1) * size)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--loop-layers", type=int, nargs=2, default=[1, 2])
+    parser.add_argument("--max-loops", type=int, default=3)
+    parser.add_argument("--input-injection", default="none")
+    parser.add_argument("--loop-embedding", action="store_true")
+    parser.add_argument("--overlap-grad-reduce", action="store_true")
+    parser.add_argument("--use-distributed-optimizer", action="store_true")
+    parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    parallel = ParallelConfig(args.tp, args.pp, args.vpp, args.sequence_parallel)
+    initialize_distributed(parallel, "cpu")
+    set_seed(1234)
+    size = get_model_size("debug")
+    recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1) if args.recompute else {}
+    config = transformer_config(size, parallel, num_layers=args.num_layers,
+                                calculate_per_token_loss=True, **recompute)
+    loop_config = loop_config_for(
+        size,
+        loop_layers=tuple(args.loop_layers),
+        max_loops=args.max_loops,
+        input_injection=args.input_injection,
+        loop_embedding=args.loop_embedding,
+    )
+    model_config = LoopMDMModelConfig(VOCAB, SEQ, MASK_ID)
+    chunks = build_model_chunks(config, loop_config, model_config, init_seed=7)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        bucket_size=2000 if args.overlap_grad_reduce else None,
+    )
+    chunks = wrap_with_ddp(config, chunks, ddp_config)
+    optimizer = build_optimizer(
+        default_optimizer_config(
+            lr=1e-2, use_distributed_optimizer=args.use_distributed_optimizer
+        ),
+        chunks,
+    )
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    local = args.global_batch // dp_size
+    num_microbatches = local // args.micro_batch
+    diffusion = DiffusionConfig(mask_token_id=MASK_ID)
+    records = []
+    for step in range(args.steps):
+        num_loops = draw_num_loops(loop_config, seed=1234, iteration=step)
+        tokens, index = global_batch(step, args.global_batch)
+        mine = slice(dp_rank * local, (dp_rank + 1) * local)
+        micro = [
+            {"tokens": t, "sample_index": i}
+            for t, i in zip(tokens[mine].split(args.micro_batch), index[mine].split(args.micro_batch))
+        ]
+        iterators = [iter(micro)] if len(chunks) == 1 else [iter(micro) for _ in chunks]
+        result = train_step(
+            make_forward_step(diffusion, seed=1234, num_loops=num_loops),
+            iterators if len(chunks) > 1 else iterators[0],
+            chunks,
+            optimizer,
+            num_microbatches=num_microbatches,
+            seq_length=SEQ,
+            micro_batch_size=args.micro_batch,
+        )
+        records.append(
+            {"num_loops": num_loops, "loss": result.loss, "grad_norm": float(result.grad_norm)}
+        )
+    params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        with open(args.out, "w") as f:
+            json.dump({"steps": records, "local_params_last_rank": params,
+                       "world_size": int(os.environ["WORLD_SIZE"])}, f)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
