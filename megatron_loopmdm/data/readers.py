@@ -146,6 +146,13 @@ def _open_binary(path: str):
     return raw, raw
 
 
+def _tell(raw) -> int:
+    try:
+        return raw.tell()
+    except OSError:  # a pipe
+        return 0
+
+
 def _count_newlines(f, nbytes: int) -> int:
     count = 0
     while nbytes > 0:
@@ -167,7 +174,9 @@ def _jsonl_batches(unit: Unit, batch_size: int) -> Iterator[Batch]:
             line_no = _count_newlines(stream, unit.start - 1) + 1
             if stream.read(1) != b"\n":
                 pos += len(stream.readline())
-        locations, payloads, last_tell = [], [], raw.tell()
+        # Progress in input bytes: compressed bytes read, or line bytes (pipes cannot tell()).
+        compressed = stream is not raw
+        locations, payloads, last = [], [], raw.tell() if compressed else pos
         for line in stream:
             if unit.end is not None and pos >= unit.end:
                 break
@@ -176,11 +185,12 @@ def _jsonl_batches(unit: Unit, batch_size: int) -> Iterator[Batch]:
             locations.append(line_no)
             payloads.append(line)
             if len(payloads) == batch_size:
-                tell = raw.tell()
-                yield Batch(unit.path, "jsonl", locations, payloads, tell - last_tell)
-                locations, payloads, last_tell = [], [], tell
+                now = raw.tell() if compressed else pos
+                yield Batch(unit.path, "jsonl", locations, payloads, now - last)
+                locations, payloads, last = [], [], now
         if payloads:
-            yield Batch(unit.path, "jsonl", locations, payloads, raw.tell() - last_tell)
+            now = raw.tell() if compressed else pos
+            yield Batch(unit.path, "jsonl", locations, payloads, now - last)
 
 
 def _text_batches(unit: Unit, batch_size: int, text_mode: str) -> Iterator[Batch]:
@@ -188,7 +198,7 @@ def _text_batches(unit: Unit, batch_size: int, text_mode: str) -> Iterator[Batch
     with stream, raw:
         if text_mode == "file":
             data = stream.read()
-            yield Batch(unit.path, "text", [1], [data], raw.tell())
+            yield Batch(unit.path, "text", [1], [data], _tell(raw))
             return
         locations, payloads, block, block_line = [], [], [], 0
         for line_no, line in enumerate(stream, 1):
@@ -207,7 +217,7 @@ def _text_batches(unit: Unit, batch_size: int, text_mode: str) -> Iterator[Batch
         if block:
             locations.append(block_line)
             payloads.append(b"".join(block).rstrip(b"\r\n"))
-        yield Batch(unit.path, "text", locations, payloads, raw.tell())
+        yield Batch(unit.path, "text", locations, payloads, _tell(raw))
 
 
 def _parquet_batches(unit: Unit, batch_size: int, keys: Sequence[str]) -> Iterator[Batch]:

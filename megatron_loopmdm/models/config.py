@@ -68,6 +68,16 @@ class LoopConfig:
     def num_loop_layers(self) -> int:
         return self.loop_layers[1] - self.loop_layers[0]
 
+    def unrolled_layer_indices(self, num_layers: int, num_loops: int) -> list[int]:
+        """The looped model's layer behind each layer of its unrolled equivalent.
+
+        The unrolled model has prelude + num_loops x loop + coda layers; entry j names the
+        looped model's layer whose weights unrolled layer j holds.
+        """
+        start, end = self.loop_layers
+        loop = list(range(start, end))
+        return list(range(start)) + loop * num_loops + list(range(end, num_layers))
+
     def validate_for(self, num_layers: int) -> None:
         """Checks that the looped span lies inside a model of `num_layers` layers."""
         if self.loop_layers[1] > num_layers:

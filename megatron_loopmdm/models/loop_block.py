@@ -128,6 +128,10 @@ class LoopMDMBlock(MegatronModule):
         depth = self.loop_config.backprop_depth
         first_tracked = 0 if depth is None else max(0, num_loops - depth)
         for i in range(num_loops):
+            if i == first_tracked and i > 0:
+                # Cut the graph explicitly: megatron's layer can return a grad-requiring
+                # tensor even under no_grad.
+                hidden_states = hidden_states.detach()
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_tracked):
                 if i > 0 and hasattr(self, "input_injection"):
                     hidden_states = self.input_injection(hidden_states, prelude_output)

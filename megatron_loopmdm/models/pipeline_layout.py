@@ -115,3 +115,10 @@ def validate_pipeline_layout(config: TransformerConfig, loop_config: LoopConfig)
             f"expected compute: --pipeline-model-parallel-layout \"{layout_string(proposal)}\" "
             f"(layers per stage {proposal}), or use --pipeline-model-parallel-layout auto."
         )
+
+
+def resolve_pipeline_layout(layout, num_layers: int, num_stages: int, loop_config: LoopConfig):
+    """`auto` becomes the balanced layout string; any other value passes through unchanged."""
+    if layout != "auto":
+        return layout
+    return layout_string(balanced_layout(num_layers, num_stages, loop_config))
