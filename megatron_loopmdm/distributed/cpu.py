@@ -26,8 +26,9 @@ One setting also depends on CPU mode: `models.builder.transformer_config` turns 
 pipeline p2p (`batch_p2p_comm`), because gloo mismatches batched isend/irecv messages under the
 interleaved schedule.
 
-The fixes for megatron-core's distributed-optimizer bugs on the torch-Adam path, which GPU users
-without Transformer Engine or apex hit too, live in `megatron_loopmdm.training.optimizer_fixes`.
+4. The fixes for megatron-core's distributed-optimizer bugs on the torch-Adam path (always the
+   path on CPU) are applied; they live in `megatron_loopmdm.training.optimizer_fixes`, because
+   GPU users without Transformer Engine or apex need them too (`build_optimizer` applies them).
 """
 
 import contextlib
@@ -197,6 +198,9 @@ def enable_cpu_support() -> None:
     check_megatron_core_version()
     _patch_torch_cuda()
     _install_cpu_rng_tracker()
+    from megatron_loopmdm.training.optimizer_fixes import apply_torch_adam_fixes
+
+    apply_torch_adam_fixes()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True

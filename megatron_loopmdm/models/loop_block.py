@@ -8,11 +8,15 @@ that holds it runs those same layer modules `num_loops` times.
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -163,3 +167,30 @@ class LoopMDMBlock(MegatronModule):
             hidden_states = self.final_layernorm(hidden_states)
         # Pipeline p2p sends need a tensor that does not view another's storage.
         return make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> ShardedStateDict:
+        """Checkpoint keys by *global* layer index, so any pipeline layout can load them.
+
+        Layer i of this stage is saved as `layers.{layer_offset + i}`; the other modules
+        (final norm, input injection, loop embedding) under their own names.
+        """
+        assert not sharded_offsets, "LoopMDMBlock is the top of its sharding hierarchy"
+        sharded = {}
+        for i, layer in enumerate(self.layers):
+            local_prefix = f"{prefix}layers.{i}."
+            global_prefix = f"{prefix}layers.{self.layer_offset + i}."
+            layer_sharded = layer.sharded_state_dict(local_prefix, (), metadata)
+            replace_prefix_for_sharding(layer_sharded, local_prefix, global_prefix)
+            sharded.update(layer_sharded)
+        # Replicated modules need the TP group, else every TP rank claims the main replica.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        for name, module in self.named_children():
+            if module is not self.layers:
+                sharded.update(
+                    sharded_state_dict_default(
+                        module, f"{prefix}{name}.", (), metadata, tp_group=tp_group
+                    )
+                )
+        return sharded

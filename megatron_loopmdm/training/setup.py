@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_loopmdm.models.builder import build_model
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.training.optimizer_fixes import apply_torch_adam_fixes
 
 
 def build_model_chunks(
@@ -65,6 +66,7 @@ def wrap_with_ddp(
 
 def build_optimizer(optimizer_config: OptimizerConfig, chunks: list):
     """megatron-core's optimizer (the distributed optimizer when the config asks for it)."""
+    apply_torch_adam_fixes()
     return get_megatron_optimizer(optimizer_config, chunks)
 
 

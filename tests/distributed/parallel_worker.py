@@ -25,6 +25,7 @@ from megatron_loopmdm.models.builder import loop_config_for, transformer_config
 from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.sizes import get_model_size
+from megatron_loopmdm.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_loopmdm.training.setup import (
     build_model_chunks,
     build_optimizer,
@@ -62,6 +63,9 @@ def main():
     parser.add_argument("--overlap-grad-reduce", action="store_true")
     parser.add_argument("--use-distributed-optimizer", action="store_true")
     parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--save", help="checkpoint directory to save into")
+    parser.add_argument("--save-at", type=int, help="save after this many steps, then stop")
+    parser.add_argument("--load", help="resume from the latest checkpoint here")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -101,7 +105,13 @@ def main():
     num_microbatches = local // args.micro_batch
     diffusion = DiffusionConfig(mask_token_id=MASK_ID)
     records = []
-    for step in range(args.steps):
+    first_step = 0
+    if args.load:
+        first_step = load_checkpoint(args.load, chunks, optimizer)
+    for step in range(first_step, args.steps):
+        if args.save_at is not None and step == args.save_at:
+            save_checkpoint(args.save, step, chunks, optimizer)
+            break
         num_loops = draw_num_loops(loop_config, seed=1234, iteration=step)
         tokens, index = global_batch(step, args.global_batch)
         mine = slice(dp_rank * local, (dp_rank + 1) * local)
@@ -120,7 +130,7 @@ def main():
             micro_batch_size=args.micro_batch,
         )
         records.append(
-            {"num_loops": num_loops, "loss": result.loss, "grad_norm": float(result.grad_norm)}
+            {"step": step, "num_loops": num_loops, "loss": result.loss, "grad_norm": float(result.grad_norm)}
         )
     params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
