@@ -19,5 +19,9 @@ setup(
         "safetensors",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8", "ruff"]},
+    extras_require={
+        # Input formats and tokenizers of tools/preprocess_data.py beyond JSON lines + HF.
+        "data": ["sentencepiece", "tiktoken", "zstandard", "pyarrow"],
+        "test": ["pytest>=8", "ruff", "sentencepiece", "tiktoken", "zstandard", "pyarrow"],
+    },
 )

@@ -55,7 +55,8 @@ class MaskedDiffusionDataset(GPTDataset):
             document_ids = torch.full((seq_length,), PADDING_DOCUMENT_ID, dtype=torch.long)
             position_ids = torch.zeros(seq_length, dtype=torch.long)
             start = 0
-            for d, length in enumerate(lengths):
+            # A sample that starts exactly at a document boundary has an empty first part.
+            for d, length in enumerate(length for length in lengths if length > 0):
                 document_ids[start : start + length] = d
                 position_ids[start : start + length] = torch.arange(length)
                 start += length

@@ -75,6 +75,24 @@ class PretrainingSampler(torch.utils.data.Sampler):
             yield list(range(first + start, first + start + self.micro_batch_size))
 
 
+class WithSampleIndex(torch.utils.data.Dataset):
+    """Adds `sample_index`, the sample's index in `dataset`, to each sample dict.
+
+    The diffusion noise (t and mask) is keyed by this global index, so it does not depend on
+    which rank draws the sample, and for a blend it is the blend's index (unique across the
+    blended datasets), not the index inside one of them.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        return {**self.dataset[idx], "sample_index": torch.tensor(idx, dtype=torch.long)}
+
+
 def build_data_loader(
     dataset,
     consumed_samples: int,
@@ -83,12 +101,12 @@ def build_data_loader(
     data_parallel_size: int,
     num_workers: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over `dataset` with `PretrainingSampler`; None-safe for empty splits."""
+    """A DataLoader over `dataset` with `PretrainingSampler`; batches carry `sample_index`."""
     sampler = PretrainingSampler(
         len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
     )
     return torch.utils.data.DataLoader(
-        dataset,
+        WithSampleIndex(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
