@@ -19,8 +19,6 @@ import statistics
 import time
 
 import megatron_loopmdm  # noqa: F401  (before megatron)
-import torch
-
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
     destroy_distributed,
@@ -30,6 +28,9 @@ from megatron_loopmdm.distributed.parallel import (
 from megatron_loopmdm.models.builder import build_model, replace_size, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.sizes import get_model_size
+from megatron_loopmdm.training.flops import flops_per_token
+
+import torch
 
 
 def parse_args():
@@ -139,13 +140,18 @@ def main():
     )
     loop_config = LoopConfig(loop_layers=tuple(args.loop_layers), max_loops=max(args.loops))
     looped = build(args, size, loop_config, args.num_layers, device, dtype)
-    batch = torch.randint(0, args.vocab_size - 1, (args.micro_batch_size, args.seq_length),
-                          device=device)
-    print(f"device={device} dtype={dtype} hidden={args.hidden_size} layers={args.num_layers} "
-          f"loop={tuple(args.loop_layers)} seq={args.seq_length} batch={args.micro_batch_size} "
-          f"threads={torch.get_num_threads()}")
-    print(f"{'S':>3} {'looped ms':>10} {'unrolled ms':>12} {'ratio':>7} "
-          f"{'looped mem MB':>14} {'unrolled mem MB':>16}")
+    batch = torch.randint(
+        0, args.vocab_size - 1, (args.micro_batch_size, args.seq_length), device=device
+    )
+    print(
+        f"device={device} dtype={dtype} hidden={args.hidden_size} layers={args.num_layers} "
+        f"loop={tuple(args.loop_layers)} seq={args.seq_length} batch={args.micro_batch_size} "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(
+        f"{'S':>3} {'looped ms':>10} {'unrolled ms':>12} {'ratio':>7} {'GFLOP/s':>8} "
+        f"{'looped mem MB':>14} {'unrolled mem MB':>16}"
+    )
     worst = 0.0
     for num_loops in args.loops:
         depth = len(loop_config.unrolled_layer_indices(args.num_layers, num_loops))
@@ -153,11 +159,18 @@ def main():
         t_loop, t_unrolled, ratio = paired_step_times(
             looped, unrolled, num_loops, batch, device, args
         )
+        tokens = args.micro_batch_size * args.seq_length
+        flops = (
+            flops_per_token(looped.config, loop_config, args.vocab_size, args.seq_length, num_loops)
+            * tokens
+        )
         m_loop = memory(looped, num_loops, batch, device) / 2**20
         m_unrolled = memory(unrolled, 1, batch, device) / 2**20
         worst = max(worst, ratio)
-        print(f"{num_loops:>3} {t_loop * 1e3:>10.1f} {t_unrolled * 1e3:>12.1f} {ratio:>7.3f} "
-              f"{m_loop:>14.1f} {m_unrolled:>16.1f}")
+        print(
+            f"{num_loops:>3} {t_loop * 1e3:>10.1f} {t_unrolled * 1e3:>12.1f} {ratio:>7.3f} "
+            f"{flops / t_loop / 1e9:>8.1f} {m_loop:>14.1f} {m_unrolled:>16.1f}"
+        )
         del unrolled
     destroy_distributed()
     print(f"loop_overhead_ratio={worst:.3f}")

@@ -44,8 +44,18 @@ def main() -> None:
         for _, line in zip(range(20000), src):
             dst.write(line)
     tok = os.path.join(work, "tok")
-    run([py, "tools/train_tokenizer.py", "--input", head, "--output-dir", tok,
-         "--vocab-size", str(args.vocab_size)])
+    run(
+        [
+            py,
+            "tools/train_tokenizer.py",
+            "--input",
+            head,
+            "--output-dir",
+            tok,
+            "--vocab-size",
+            str(args.vocab_size),
+        ]
+    )
 
     sys.path.insert(0, REPO)
     from megatron_loopmdm.data.tokenizers import build_tokenizer
@@ -61,25 +71,42 @@ def main() -> None:
         num_tokens += sum(map(len, tokenizer.encode_batch(texts[i : i + 1024])))
     ceiling_s = time.time() - t0
     ceiling_mbs, ceiling_tps = text_mb / ceiling_s, num_tokens / ceiling_s
-    print(f"corpus: {len(raw) / 1e6:.1f} MB of JSON lines, {len(texts)} documents, "
-          f"{text_mb:.1f} MB of text, {num_tokens} tokens, {os.cpu_count()} cores")
+    print(
+        f"corpus: {len(raw) / 1e6:.1f} MB of JSON lines, {len(texts)} documents, "
+        f"{text_mb:.1f} MB of text, {num_tokens} tokens, {os.cpu_count()} cores"
+    )
     print(f"ceiling (encode_batch, all cores): {ceiling_mbs:.2f} MB/s, {ceiling_tps:.0f} tokens/s")
 
     ratio = None
     for workers in (1, 2):
-        out, wall = run([
-            py, "tools/preprocess_data.py", "--input", corpus, "--output-prefix",
-            os.path.join(work, f"out{workers}"), "--tokenizer-type", "HuggingFaceTokenizer",
-            "--tokenizer-model", tok, "--append-eod", "--workers", str(workers),
-            "--log-interval", "0",
-        ])
+        out, wall = run(
+            [
+                py,
+                "tools/preprocess_data.py",
+                "--input",
+                corpus,
+                "--output-prefix",
+                os.path.join(work, f"out{workers}"),
+                "--tokenizer-type",
+                "HuggingFaceTokenizer",
+                "--tokenizer-model",
+                tok,
+                "--append-eod",
+                "--workers",
+                str(workers),
+                "--log-interval",
+                "0",
+            ]
+        )
         seconds = float(re.search(r"time: ([\d.]+) s", out).group(1))
         tokens = int(re.search(r"tokens: (\d+)", out).group(1))
         mbs = text_mb / seconds
         ratio = mbs / ceiling_mbs
-        print(f"preprocess_data --workers {workers}: {mbs:.2f} MB/s, "
-              f"{(tokens - len(texts)) / seconds:.0f} tokens/s (excluding EOD), "
-              f"{seconds:.1f} s ({wall:.1f} s with start-up), ratio to ceiling {ratio:.2f}")
+        print(
+            f"preprocess_data --workers {workers}: {mbs:.2f} MB/s, "
+            f"{(tokens - len(texts)) / seconds:.0f} tokens/s (excluding EOD), "
+            f"{seconds:.1f} s ({wall:.1f} s with start-up), ratio to ceiling {ratio:.2f}"
+        )
     print(f"preprocess_vs_tokenizer_ratio={ratio:.3f}")
 
 

@@ -20,16 +20,22 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 def megatron_single_process():
     """torch.distributed (gloo, world size 1) and megatron's groups, with CPU support."""
     import megatron_loopmdm  # noqa: F401
-    import torch
     from megatron_loopmdm.distributed.parallel import (
         ParallelConfig,
         initialize_distributed,
         set_seed,
     )
 
+    import torch
+
     saved = dict(os.environ)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+    )
     try:
         initialize_distributed(ParallelConfig(), "cpu")
         set_seed(0)

@@ -1,7 +1,7 @@
 """Writes a seeded synthetic JSON-lines corpus (stories, facts, GSM8K-style word problems).
 
-    python tools/make_synthetic_corpus.py --output corpus.jsonl --num-docs 10000 --seed 1
-    python tools/make_synthetic_corpus.py --output corpus.jsonl --size-mb 50
+python tools/make_synthetic_corpus.py --output corpus.jsonl --num-docs 10000 --seed 1
+python tools/make_synthetic_corpus.py --output corpus.jsonl --size-mb 50
 """
 
 import argparse

@@ -32,10 +32,14 @@ def _prefixes(inputs):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="Dataset prefixes in order, or one directory.")
-    parser.add_argument("--output-prefix", required=True,
-                        help="Prefix of the merged .bin/.idx (the full name, suffixes excluded).")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="Dataset prefixes in order, or one directory."
+    )
+    parser.add_argument(
+        "--output-prefix",
+        required=True,
+        help="Prefix of the merged .bin/.idx (the full name, suffixes excluded).",
+    )
     args = parser.parse_args(argv)
     try:
         prefixes = _prefixes(args.input)

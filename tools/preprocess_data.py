@@ -22,49 +22,83 @@ from megatron_loopmdm.data.tokenizers import TOKENIZER_TYPES
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("input")
-    g.add_argument("--input", nargs="+", default=[],
-                   help="Files, directories or globs, in document order.")
-    g.add_argument("--input-format", default="auto", choices=pp.readers.FORMATS,
-                   help="Input format; auto decides by file extension.")
-    g.add_argument("--text-mode", default="file", choices=["file", "blank-line"],
-                   help="Plain text: one document per file or per blank-line-separated block.")
+    g.add_argument(
+        "--input", nargs="+", default=[], help="Files, directories or globs, in document order."
+    )
+    g.add_argument(
+        "--input-format",
+        default="auto",
+        choices=pp.readers.FORMATS,
+        help="Input format; auto decides by file extension.",
+    )
+    g.add_argument(
+        "--text-mode",
+        default="file",
+        choices=["file", "blank-line"],
+        help="Plain text: one document per file or per blank-line-separated block.",
+    )
     g.add_argument("--hf-dataset", help="Hugging Face dataset directory or name.")
     g.add_argument("--hf-split", default="train")
     g.add_argument("--hf-streaming", action="store_true")
-    g.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="JSON keys (or columns) to tokenize; one output per key.")
+    g.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="JSON keys (or columns) to tokenize; one output per key.",
+    )
     g.add_argument("--split-sentences", action="store_true", help=argparse.SUPPRESS)
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="HF directory, SentencePiece model or tiktoken "
-                   "encoding name / rank file.")
+    g.add_argument(
+        "--tokenizer-model",
+        help="HF directory, SentencePiece model or tiktoken encoding name / rank file.",
+    )
     g.add_argument("--vocab-file", help="GPT-2 vocab.json.")
     g.add_argument("--merge-file", help="GPT-2 merges.txt.")
-    g.add_argument("--tiktoken-pattern", default="cl100k",
-                   help="Pre-tokenization regex for tiktoken rank files: gpt2, cl100k or a regex.")
+    g.add_argument(
+        "--tiktoken-pattern",
+        default="cl100k",
+        help="Pre-tokenization regex for tiktoken rank files: gpt2, cl100k or a regex.",
+    )
     g.add_argument("--append-eod", action="store_true", help="Append EOD after each document.")
     g = p.add_argument_group("output and runtime")
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--workers", type=int, default=1, help="Tokenizing processes.")
-    g.add_argument("--partitions", type=int, default=1,
-                   help="Split the input this many ways on this node, then merge.")
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="Split the input this many ways on this node, then merge.",
+    )
     g.add_argument("--batch-size", type=int, default=256, help="Documents per worker task.")
-    g.add_argument("--log-interval", type=int, default=1000,
-                   help="Documents between progress updates (0: none).")
-    g.add_argument("--shard-index", type=int, help="This node's shard (default from SLURM_* or "
-                   "RANK; 0).")
-    g.add_argument("--num-shards", type=int, help="Number of shards (default from SLURM_* or "
-                   "WORLD_SIZE; 1).")
-    g.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="On a bad document: stop (fail) or count and report it (skip).")
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        default=1000,
+        help="Documents between progress updates (0: none).",
+    )
+    g.add_argument(
+        "--shard-index", type=int, help="This node's shard (default from SLURM_* or RANK; 0)."
+    )
+    g.add_argument(
+        "--num-shards", type=int, help="Number of shards (default from SLURM_* or WORLD_SIZE; 1)."
+    )
+    g.add_argument(
+        "--on-error",
+        default="fail",
+        choices=["fail", "skip"],
+        help="On a bad document: stop (fail) or count and report it (skip).",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.split_sentences:
-        print("error: --split-sentences is not supported (documents are never split).",
-              file=sys.stderr)
+        print(
+            "error: --split-sentences is not supported (documents are never split).",
+            file=sys.stderr,
+        )
         return pp.USAGE_EXIT_CODE
     shard_index, num_shards = pp.default_shard()
     if args.shard_index is not None:

@@ -9,15 +9,15 @@ needs (no next-token shift). This subclass only changes what a sample holds.
 
 from typing import Callable, Dict, List, Optional, Sequence
 
+import megatron_loopmdm  # noqa: F401
+from megatron_loopmdm.data.config import DataConfig
+from megatron_loopmdm.data.indexed import check_indexed_dataset, check_vocab
+
 import numpy
 import torch
-
-import megatron_loopmdm  # noqa: F401
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron_loopmdm.data.config import DataConfig
-from megatron_loopmdm.data.indexed import check_indexed_dataset, check_vocab
 
 PADDING_DOCUMENT_ID = -1
 
@@ -81,7 +81,7 @@ def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
         bool [B, 1, S, S], True where attention is masked out (different documents), the
         convention of megatron-core's `padding` mask type.
     """
-    return (document_ids[:, None, :, None] != document_ids[:, None, None, :])
+    return document_ids[:, None, :, None] != document_ids[:, None, None, :]
 
 
 def build_gpt_dataset_config(data_config: DataConfig, tokenizer) -> GPTDatasetConfig:

@@ -9,9 +9,9 @@ import os
 import struct
 from dataclasses import dataclass
 
-import numpy
-
 import megatron_loopmdm  # noqa: F401
+
+import numpy
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
 
 _HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence and document counts
@@ -69,13 +69,15 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
             f"{num_sequences} sequences and {num_boundaries} document boundaries ({expected} "
             "bytes)."
         )
-    lengths = numpy.fromfile(idx_path, dtype=numpy.int32, count=num_sequences,
-                             offset=_HEADER_BYTES)
+    lengths = numpy.fromfile(idx_path, dtype=numpy.int32, count=num_sequences, offset=_HEADER_BYTES)
     boundaries = numpy.fromfile(
         idx_path, dtype=numpy.int64, count=num_boundaries, offset=_HEADER_BYTES + 12 * num_sequences
     )
-    if num_boundaries == 0 or boundaries[0] != 0 or boundaries[-1] != num_sequences or (
-        numpy.any(numpy.diff(boundaries) < 0)
+    if (
+        num_boundaries == 0
+        or boundaries[0] != 0
+        or boundaries[-1] != num_sequences
+        or (numpy.any(numpy.diff(boundaries) < 0))
     ):
         raise IndexedDatasetError(f"{idx_path}: corrupt document boundaries.")
     num_tokens = int(lengths.sum(dtype=numpy.int64))

@@ -9,8 +9,9 @@ import re
 from typing import List, Sequence
 
 import megatron_loopmdm  # noqa: F401
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron_loopmdm.data.indexed import IndexedDatasetError, check_indexed_dataset
+
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 _SHARD_NAME = re.compile(r"-shard(\d{5})-of-(\d{5})")
 

@@ -18,17 +18,17 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
-
-import numpy
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import megatron_loopmdm  # noqa: F401
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from megatron_loopmdm.data import readers
 from megatron_loopmdm.data.tokenizers import build_tokenizer
+
+import numpy
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 MALFORMED_JSON = "malformed JSON"
 MISSING_KEY = "missing key"
@@ -332,8 +332,12 @@ class Progress:
             f"docs/s | {summary.text_bytes / 1e6 / elapsed:.2f} MB/s | "
             f"{summary.tokens / elapsed:.0f} tokens/s | ETA {eta}"
         )
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr,
-              flush=True)
+        print(
+            ("\r" + line) if self.tty else line,
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.tty and self.interval:
@@ -348,8 +352,13 @@ def _batches(config: PreprocessConfig) -> Tuple[Iterator[readers.Batch], int]:
     if config.hf_dataset:
         return (
             readers.hf_dataset_batches(
-                config.hf_dataset, config.hf_split, config.hf_streaming, config.shard_index,
-                config.num_shards, config.batch_size, config.json_keys,
+                config.hf_dataset,
+                config.hf_split,
+                config.hf_streaming,
+                config.shard_index,
+                config.num_shards,
+                config.batch_size,
+                config.json_keys,
             ),
             0,
         )
@@ -375,8 +384,9 @@ def _bounded(iterable, semaphore: threading.Semaphore):
 
 def _results(config: PreprocessConfig, batches) -> Iterator[dict]:
     if config.workers == 1:
-        _init_worker(config.tokenizer_kwargs, config.json_keys, config.append_eod,
-                     os.cpu_count() or 1)
+        _init_worker(
+            config.tokenizer_kwargs, config.json_keys, config.append_eod, os.cpu_count() or 1
+        )
         signal.signal(signal.SIGINT, signal.default_int_handler)
         yield from map(_encode, batches)
         return

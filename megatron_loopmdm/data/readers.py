@@ -299,8 +299,9 @@ def hf_dataset_batches(
         for example in ds:
             records.append({k: example.get(k) for k in keys})
             if len(records) == batch_size:
-                yield Batch(source, "records", list(range(row + 1, row + 1 + len(records))),
-                            records)
+                yield Batch(
+                    source, "records", list(range(row + 1, row + 1 + len(records))), records
+                )
                 row += len(records)
                 records = []
         if records:

@@ -16,7 +16,7 @@ DEFAULT_MASK_TOKEN = "<|mask|>"
 
 
 def iter_corpus_texts(paths: List[str], json_key: str = "text") -> Iterator[str]:
-    """Yields documents from JSON-lines files (field `json_key`) or plain-text files (whole file)."""
+    """Yields documents from JSON-lines files (field `json_key`) or plain-text files."""
     for path in paths:
         if path.endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8") as f:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron imports)
+
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 TOKENIZER_TYPES = (
@@ -26,9 +27,7 @@ TOKENIZER_TYPES = (
 )
 
 # GPT-2's pre-tokenisation regex (also tiktoken's "gpt2" pattern).
-_GPT2_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -148,7 +147,10 @@ class HuggingFaceTokenizer(_TokenizerBase):
                 with open(os.path.join(path, name), encoding="utf-8") as f:
                     config.update(json.load(f))
         tokenizer_json = os.path.join(path, "tokenizer.json")
-        if os.path.exists(tokenizer_json) and config.get("tokenizer_class") in self._GENERIC_CLASSES:
+        if (
+            os.path.exists(tokenizer_json)
+            and config.get("tokenizer_class") in self._GENERIC_CLASSES
+        ):
             from tokenizers import Tokenizer
 
             self._backend = Tokenizer.from_file(tokenizer_json)
@@ -231,7 +233,7 @@ class GPT2BPETokenizer(_TokenizerBase):
 
 
 class GPTSentencePieceTokenizer(_TokenizerBase):
-    """A SentencePiece model, encoded with `encode_as_ids` (Megatron-LM's GPTSentencePieceTokenizer).
+    """A SentencePiece model encoded with `encode_as_ids` (as Megatron-LM's GPTSentencePiece).
 
     End of document is the model's EOS piece; pad is its pad piece when it has one; the mask is a
     piece named by `mask_piece` when the model has it.
@@ -346,8 +348,9 @@ def build_tokenizer(
         FileNotFoundError: A named file or directory does not exist.
     """
     if tokenizer_type == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(_require_file(tokenizer_model, "The tokenizer directory",
-                                                  "--tokenizer-model"))
+        return HuggingFaceTokenizer(
+            _require_file(tokenizer_model, "The tokenizer directory", "--tokenizer-model")
+        )
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):

@@ -33,10 +33,10 @@ interleaved schedule.
 
 import contextlib
 
+from megatron_loopmdm._compat import check_megatron_core_version
+
 import torch
 from torch.overrides import TorchFunctionMode
-
-from megatron_loopmdm._compat import check_megatron_core_version
 
 _ENABLED = False
 _MODE = None
@@ -134,8 +134,12 @@ def _patch_torch_cuda() -> None:
     cuda.default_stream = lambda device=None: _NullStream()
     cuda.stream = lambda stream=None: contextlib.nullcontext()
     cuda.set_device = lambda device: None
-    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
-                 "max_memory_reserved"):
+    for name in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+    ):
         setattr(cuda, name, lambda device=None: 0)
     cuda.reset_peak_memory_stats = lambda device=None: None
 

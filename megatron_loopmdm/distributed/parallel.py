@@ -6,10 +6,10 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_loopmdm.distributed.cpu import enable_cpu_support
+
 import numpy as np
 import torch
-
-from megatron_loopmdm.distributed.cpu import enable_cpu_support
 
 
 @dataclass

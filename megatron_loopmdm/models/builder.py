@@ -7,10 +7,6 @@ The entry points turn command-line arguments into `ModelSize`, `LoopConfig`,
 import dataclasses
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-from megatron.core.transformer.transformer_config import TransformerConfig
-
 from megatron_loopmdm.distributed.cpu import cpu_support_enabled
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
@@ -18,6 +14,10 @@ from megatron_loopmdm.models.loopmdm_model import LoopMDMModel
 from megatron_loopmdm.models.pipeline_layout import validate_pipeline_layout
 from megatron_loopmdm.models.sizes import ModelSize
 from megatron_loopmdm.models.specs import loopmdm_layer_spec
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def transformer_config(

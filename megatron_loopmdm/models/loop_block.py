@@ -7,6 +7,10 @@ that holds it runs those same layer modules `num_loops` times.
 
 from typing import Optional
 
+from megatron_loopmdm.models.config import LoopConfig
+from megatron_loopmdm.models.init import LOOP_MODULES_KEY, seeded_init
+from megatron_loopmdm.models.specs import TorchNorm
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
@@ -20,10 +24,6 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-
-from megatron_loopmdm.models.config import LoopConfig
-from megatron_loopmdm.models.init import LOOP_MODULES_KEY, seeded_init
-from megatron_loopmdm.models.specs import TorchNorm
 
 
 class LoopInputInjection(torch.nn.Module):
@@ -114,9 +114,7 @@ class LoopMDMBlock(MegatronModule):
             # call of a reused layer keeps its own saved inputs, the gradients of all loop
             # iterations sum in one backward pass, and megatron DDP's overlapped grad reduce
             # sees each parameter's gradient become ready once per step.
-            return checkpoint(
-                lambda h: layer(h, **kwargs)[0], hidden_states, use_reentrant=False
-            )
+            return checkpoint(lambda h: layer(h, **kwargs)[0], hidden_states, use_reentrant=False)
         return layer(hidden_states, **kwargs)[0]
 
     def _run_layers(self, layers, hidden_states: Tensor, **kwargs) -> Tensor:

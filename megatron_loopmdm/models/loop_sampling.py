@@ -6,9 +6,9 @@ ranks agree without communication, and a resumed run draws the same S as an unin
 
 import functools
 
-import numpy as np
-
 from megatron_loopmdm.models.config import LoopConfig
+
+import numpy as np
 
 _LOOP_STREAM = 0x100F  # separates this stream from other (seed, index)-keyed streams
 _LOGNORMAL_SIGMA = 0.5

@@ -2,6 +2,10 @@
 
 from typing import Optional
 
+from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.init import EMBEDDING_KEY, OUTPUT_LAYER_KEY, seeded_init
+from megatron_loopmdm.models.loop_block import LoopMDMBlock
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
@@ -11,10 +15,6 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
-
-from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
-from megatron_loopmdm.models.init import EMBEDDING_KEY, OUTPUT_LAYER_KEY, seeded_init
-from megatron_loopmdm.models.loop_block import LoopMDMBlock
 
 
 class LoopMDMModel(LanguageModule):
@@ -125,8 +125,9 @@ class LoopMDMModel(LanguageModule):
         first = 0 if not self.parallel_output else self.pg_collection.tp.rank() * v_local
         local_id = self.model_config.mask_token_id - first
         if 0 <= local_id < v_local:
-            logits = logits.index_fill(-1, torch.tensor([local_id], device=logits.device),
-                                       float("-inf"))
+            logits = logits.index_fill(
+                -1, torch.tensor([local_id], device=logits.device), float("-inf")
+            )
         return logits
 
     def forward(
@@ -167,7 +168,11 @@ class LoopMDMModel(LanguageModule):
         )
         if not self.post_process:
             return hidden_states
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else None
+        )
         logits, _ = self.output_layer(hidden_states, weight=weight)
         logits = self._suppress_mask_logit(logits)
         if labels is None:

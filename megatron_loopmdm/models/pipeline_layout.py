@@ -7,13 +7,13 @@ layer count leaves the stage with the loop block the slowest; `balanced_layout` 
 expected compute instead.
 """
 
+from megatron_loopmdm.models.config import LoopConfig
+from megatron_loopmdm.models.loop_sampling import expected_num_loops
+
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-from megatron_loopmdm.models.config import LoopConfig
-from megatron_loopmdm.models.loop_sampling import expected_num_loops
 
 
 def stage_layer_ranges(config: TransformerConfig) -> list[tuple[int, int]]:
@@ -55,8 +55,8 @@ def balanced_layout(num_layers: int, num_stages: int, loop_config: LoopConfig) -
     start, end = loop_config.loop_layers
     e_s = expected_num_loops(loop_config)
     # Indivisible units: (number of layers, cost).
-    units = [(1, 1.0)] * start + [(end - start, (end - start) * e_s)] + [(1, 1.0)] * (
-        num_layers - end
+    units = (
+        [(1, 1.0)] * start + [(end - start, (end - start) * e_s)] + [(1, 1.0)] * (num_layers - end)
     )
     if len(units) < num_stages:
         raise ValueError(
@@ -112,7 +112,7 @@ def validate_pipeline_layout(config: TransformerConfig, loop_config: LoopConfig)
         raise ValueError(
             f"The loop block (layers {start}-{end - 1}) must lie inside one pipeline stage, but "
             f"this layout splits it: {described}. A layout that keeps it whole and balances "
-            f"expected compute: --pipeline-model-parallel-layout \"{layout_string(proposal)}\" "
+            f'expected compute: --pipeline-model-parallel-layout "{layout_string(proposal)}" '
             f"(layers per stage {proposal}), or use --pipeline-model-parallel-layout auto."
         )
 

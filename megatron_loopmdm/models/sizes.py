@@ -27,10 +27,12 @@ class ModelSize:
 
 
 MODEL_SIZES = {
-    "debug": ModelSize(4, 64, 4, 128, loop_layers=(1, 2), max_loops=3, num_query_groups=2,
-                       seq_length=64),
-    "mdlm-small": ModelSize(12, 768, 12, 3072, loop_layers=(3, 5), normalization="LayerNorm",
-                            swiglu=False),
+    "debug": ModelSize(
+        4, 64, 4, 128, loop_layers=(1, 2), max_loops=3, num_query_groups=2, seq_length=64
+    ),
+    "mdlm-small": ModelSize(
+        12, 768, 12, 3072, loop_layers=(3, 5), normalization="LayerNorm", swiglu=False
+    ),
     "smdm-113m": ModelSize(12, 768, 12, 2048, loop_layers=(3, 5)),
     "smdm-170m": ModelSize(18, 768, 12, 2048, loop_layers=(4, 6)),
     "1b": ModelSize(24, 2048, 16, 5632, loop_layers=(6, 8), num_query_groups=8, seq_length=2048),
@@ -40,5 +42,7 @@ MODEL_SIZES = {
 def get_model_size(name: str) -> ModelSize:
     """The named size, or a ValueError listing the known names."""
     if name not in MODEL_SIZES:
-        raise ValueError(f"--model-size {name!r} is unknown; choose one of {', '.join(MODEL_SIZES)}.")
+        raise ValueError(
+            f"--model-size {name!r} is unknown; choose one of {', '.join(MODEL_SIZES)}."
+        )
     return MODEL_SIZES[name]

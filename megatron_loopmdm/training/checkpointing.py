@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from megatron_loopmdm.training.optimizer_fixes import prepare_for_loading
+
 import torch
 from megatron.core import dist_checkpointing
-
-from megatron_loopmdm.training.optimizer_fixes import prepare_for_loading
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 OPTIMIZER_SHARDING = "fully_reshardable"  # megatron's default fails on torch Adam (flattened_range)

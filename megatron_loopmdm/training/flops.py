@@ -6,10 +6,10 @@ compute-matched comparisons. Recomputation is not counted (model FLOPs, not hard
 
 from typing import Optional
 
-from megatron.core.transformer.transformer_config import TransformerConfig
-
 from megatron_loopmdm.models.config import LoopConfig
 from megatron_loopmdm.models.loop_sampling import expected_num_loops
+
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def layer_flops_per_token(config: TransformerConfig, seq_length: int) -> float:

@@ -16,11 +16,11 @@ GPU users without TE/apex hit them too):
    a resume. The replacement gives each parameter its own copy.
 """
 
+from megatron_loopmdm._compat import check_megatron_core_version
+
 import torch
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-from megatron_loopmdm._compat import check_megatron_core_version
 
 _APPLIED = False
 
@@ -71,9 +71,7 @@ def apply_torch_adam_fixes() -> None:
     if _APPLIED or not torch_adam_path():
         return
     check_megatron_core_version()
-    DistributedOptimizer._set_main_param_and_optimizer_states = (
-        _set_main_param_and_optimizer_states
-    )
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     DistributedOptimizer.load_state_dict = _wrap_load_state_dict(
         DistributedOptimizer.load_state_dict
     )

@@ -2,16 +2,16 @@
 
 from typing import Optional
 
+from megatron_loopmdm.models.builder import build_model
+from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.training.optimizer_fixes import apply_torch_adam_fixes
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-from megatron_loopmdm.models.builder import build_model
-from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
-from megatron_loopmdm.training.optimizer_fixes import apply_torch_adam_fixes
 
 
 def build_model_chunks(

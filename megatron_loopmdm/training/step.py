@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
 
+from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_sum
+from megatron_loopmdm.diffusion.noise import mask_tokens
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-
-from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_sum
-from megatron_loopmdm.diffusion.noise import mask_tokens
 
 
 @dataclass

@@ -4,11 +4,6 @@ dataset (no shift, blends, splits, per-document ids) and the resumable sampler."
 import os
 
 import megatron_loopmdm  # noqa: F401
-import numpy
-import pytest
-import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
 from megatron_loopmdm.data import (
     DataConfig,
     IndexedDatasetError,
@@ -21,6 +16,11 @@ from megatron_loopmdm.data import (
 from megatron_loopmdm.data.indexed import check_vocab
 from megatron_loopmdm.data.tokenizer_training import train_bpe_tokenizer
 from megatron_loopmdm.data.tokenizers import build_tokenizer
+
+import numpy
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 SEQ = 32
 
@@ -59,7 +59,9 @@ def corpora(tmp_path_factory, tokenizer):
 
 def test_data_config_validation():
     assert DataConfig(seq_length=8, data_path=["0.7", "a", "0.3", "b"]).blend == (
-        ["a", "b"], [0.7, 0.3])
+        ["a", "b"],
+        [0.7, 0.3],
+    )
     assert DataConfig(seq_length=8, data_path=["a", "b"]).blend == (["a", "b"], None)
     cases = [
         (dict(seq_length=0, data_path=["a"]), "seq_length"),
@@ -95,7 +97,8 @@ def test_bad_datasets_give_clear_errors(tmp_path, corpora, tokenizer):
     big_ids = _write(str(tmp_path / "big"), [[1, 2, 1000]])
     with pytest.raises(IndexedDatasetError, match="outside the"):
         build_train_valid_test_datasets(
-            DataConfig(seq_length=SEQ, data_path=[big_ids], split="1"), tokenizer, [1, 0, 0])
+            DataConfig(seq_length=SEQ, data_path=[big_ids], split="1"), tokenizer, [1, 0, 0]
+        )
 
 
 def _build(root, tokenizer, sizes, **kwargs):
@@ -105,8 +108,14 @@ def _build(root, tokenizer, sizes, **kwargs):
 
 def test_samples_tile_the_document_stream_without_shift(corpora, tokenizer):
     root, a, _ = corpora
-    train, valid, test = _build(root, tokenizer, [None, None, None], data_path=[a],
-                                split="90,8,2", per_document_attention=True)
+    train, valid, test = _build(
+        root,
+        tokenizer,
+        [None, None, None],
+        data_path=[a],
+        split="90,8,2",
+        per_document_attention=True,
+    )
     inverse = numpy.argsort(train.shuffle_index)
     stream = numpy.concatenate([train.dataset[int(d)] for d in train.document_index])
     samples = [train[int(i)] for i in inverse]
@@ -132,8 +141,9 @@ def test_samples_tile_the_document_stream_without_shift(corpora, tokenizer):
 
 def test_blend_proportions(corpora, tokenizer):
     root, a, b = corpora
-    train, _, _ = _build(root, tokenizer, [2000, 10, 0], data_path=["0.7", a, "0.3", b],
-                         split="98,2,0")
+    train, _, _ = _build(
+        root, tokenizer, [2000, 10, 0], data_path=["0.7", a, "0.3", b], split="98,2,0"
+    )
     assert len(train) == 2000
     from_a = sum(int(train[i]["tokens"][:2].max() < 200) for i in range(len(train)))
     assert abs(from_a / len(train) - 0.7) < 0.03

@@ -11,10 +11,6 @@ import json
 import os
 
 import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron)
-import torch
-from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig
-
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
     destroy_distributed,
@@ -33,6 +29,10 @@ from megatron_loopmdm.training.setup import (
     wrap_with_ddp,
 )
 from megatron_loopmdm.training.step import DiffusionConfig, make_forward_step, train_step
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
 
 VOCAB = 128
 MASK_ID = 127
@@ -73,10 +73,14 @@ def main():
     initialize_distributed(parallel, "cpu")
     set_seed(1234)
     size = get_model_size("debug")
-    recompute = dict(recompute_granularity="full", recompute_method="uniform",
-                     recompute_num_layers=1) if args.recompute else {}
-    config = transformer_config(size, parallel, num_layers=args.num_layers,
-                                calculate_per_token_loss=True, **recompute)
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if args.recompute
+        else {}
+    )
+    config = transformer_config(
+        size, parallel, num_layers=args.num_layers, calculate_per_token_loss=True, **recompute
+    )
     loop_config = loop_config_for(
         size,
         loop_layers=tuple(args.loop_layers),
@@ -94,9 +98,7 @@ def main():
     )
     chunks = wrap_with_ddp(config, chunks, ddp_config)
     optimizer = build_optimizer(
-        default_optimizer_config(
-            lr=1e-2, use_distributed_optimizer=args.use_distributed_optimizer
-        ),
+        default_optimizer_config(lr=1e-2, use_distributed_optimizer=args.use_distributed_optimizer),
         chunks,
     )
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -117,7 +119,9 @@ def main():
         mine = slice(dp_rank * local, (dp_rank + 1) * local)
         micro = [
             {"tokens": t, "sample_index": i}
-            for t, i in zip(tokens[mine].split(args.micro_batch), index[mine].split(args.micro_batch))
+            for t, i in zip(
+                tokens[mine].split(args.micro_batch), index[mine].split(args.micro_batch)
+            )
         ]
         iterators = [iter(micro)] if len(chunks) == 1 else [iter(micro) for _ in chunks]
         result = train_step(
@@ -130,13 +134,24 @@ def main():
             micro_batch_size=args.micro_batch,
         )
         records.append(
-            {"step": step, "num_loops": num_loops, "loss": result.loss, "grad_norm": float(result.grad_norm)}
+            {
+                "step": step,
+                "num_loops": num_loops,
+                "loss": result.loss,
+                "grad_norm": float(result.grad_norm),
+            }
         )
     params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(args.out, "w") as f:
-            json.dump({"steps": records, "local_params_last_rank": params,
-                       "world_size": int(os.environ["WORLD_SIZE"])}, f)
+            json.dump(
+                {
+                    "steps": records,
+                    "local_params_last_rank": params,
+                    "world_size": int(os.environ["WORLD_SIZE"]),
+                },
+                f,
+            )
     destroy_distributed()
 
 

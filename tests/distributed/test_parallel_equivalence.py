@@ -27,8 +27,9 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     return {
         "plain": run_worker(tmp, "plain", 1),
-        "injection": run_worker(tmp, "injection", 1, "--input-injection", "concat",
-                                "--loop-embedding"),
+        "injection": run_worker(
+            tmp, "injection", 1, "--input-injection", "concat", "--loop-embedding"
+        ),
     }
 
 
@@ -47,11 +48,16 @@ LAYOUTS = {
     "tp2xpp2": (4, ["--tp", "2", "--pp", "2"], "plain"),
     "pp2-interleaved": (2, ["--pp", "2", "--vpp", "2"], "plain"),
     "dp2-overlap-grad-reduce-distributed-optimizer": (
-        2, ["--overlap-grad-reduce", "--use-distributed-optimizer"], "plain"),
+        2,
+        ["--overlap-grad-reduce", "--use-distributed-optimizer"],
+        "plain",
+    ),
     "recompute-full": (1, ["--recompute"], "plain"),
     "tp2-sequence-parallel-injection-loop-embedding": (
-        2, ["--tp", "2", "--sequence-parallel", "--input-injection", "concat",
-            "--loop-embedding"], "injection"),
+        2,
+        ["--tp", "2", "--sequence-parallel", "--input-injection", "concat", "--loop-embedding"],
+        "injection",
+    ),
 }
 
 

@@ -2,10 +2,10 @@
 
 import collections
 
-import pytest
-
 from megatron_loopmdm.models.config import LoopConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops, expected_num_loops
+
+import pytest
 
 
 def test_same_seed_and_step_give_same_loops_and_steps_vary():

@@ -2,14 +2,14 @@
 
 import dataclasses
 
-import pytest
-import torch
-
 import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.builder import build_model, loop_config_for, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.sizes import get_model_size
+
+import pytest
+import torch
 
 VOCAB, MASK_ID, SEQ = 96, 95, 24
 
@@ -28,14 +28,12 @@ def unrolled_twin(model, num_loops: int):
     loop = model.loop_config
     num_layers = model.config.num_layers
     indices = loop.unrolled_layer_indices(num_layers, num_loops)
-    twin = make_model(
-        LoopConfig(loop_layers=(0, 1), max_loops=1), num_layers=len(indices), seed=99
-    )
+    twin = make_model(LoopConfig(loop_layers=(0, 1), max_loops=1), num_layers=len(indices), seed=99)
     source = model.state_dict()
     target = {}
     for key in twin.state_dict():
         if key.startswith("decoder.layers."):
-            j, rest = key[len("decoder.layers."):].split(".", 1)
+            j, rest = key[len("decoder.layers.") :].split(".", 1)
             key_in_source = f"decoder.layers.{indices[int(j)]}.{rest}"
         else:
             key_in_source = key
@@ -71,7 +69,7 @@ def test_looped_equals_unrolled_logits_and_grads(num_loops):
     summed = {}
     for name, param in twin.named_parameters():
         if name.startswith("decoder.layers."):
-            j, rest = name[len("decoder.layers."):].split(".", 1)
+            j, rest = name[len("decoder.layers.") :].split(".", 1)
             name = f"decoder.layers.{indices[int(j)]}.{rest}"
         summed[name] = summed.get(name, 0) + param.grad
     for name, param in looped_grads.items():
@@ -124,11 +122,10 @@ def test_padding_mask_hides_padded_keys():
 
 
 def test_sdpa_core_attention_matches_megatron_unfused_attention():
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
     from megatron_loopmdm.models import specs
-
     from megatron_loopmdm.models.loopmdm_model import LoopMDMModel
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     model = make_model(LoopConfig(loop_layers=(1, 2), max_loops=2))
     spec = specs.loopmdm_layer_local_spec()
@@ -192,18 +189,26 @@ def test_full_recompute_gives_identical_gradients():
         assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-9), name
 
 
-@pytest.mark.parametrize("normalization,swiglu,position", [
-    ("LayerNorm", False, "learned_absolute"),
-    ("RMSNorm", True, "rope"),
-])
+@pytest.mark.parametrize(
+    "normalization,swiglu,position",
+    [
+        ("LayerNorm", False, "learned_absolute"),
+        ("RMSNorm", True, "rope"),
+    ],
+)
 def test_architecture_variants_run(normalization, swiglu, position):
     size = dataclasses.replace(get_model_size("debug"), normalization=normalization, swiglu=swiglu)
     config = transformer_config(size, ParallelConfig())
     model = build_model(
         config,
         loop_config_for(size),
-        LoopMDMModelConfig(VOCAB, SEQ, MASK_ID, position_embedding_type=position,
-                           share_embeddings_and_output_weights=False),
+        LoopMDMModelConfig(
+            VOCAB,
+            SEQ,
+            MASK_ID,
+            position_embedding_type=position,
+            share_embeddings_and_output_weights=False,
+        ),
         init_seed=0,
     )
     ids = tokens()
@@ -212,7 +217,9 @@ def test_architecture_variants_run(normalization, swiglu, position):
     assert loss.shape == ids.shape and torch.isfinite(loss).all()
     assert model.output_layer.weight is not None  # untied output layer
     norm = model.decoder.final_layernorm
-    assert isinstance(norm, torch.nn.LayerNorm if normalization == "LayerNorm" else torch.nn.RMSNorm)
+    assert isinstance(
+        norm, torch.nn.LayerNorm if normalization == "LayerNorm" else torch.nn.RMSNorm
+    )
 
 
 def test_bad_loop_span_is_rejected():

@@ -2,8 +2,6 @@
 
 import itertools
 
-import pytest
-
 import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.builder import transformer_config
@@ -16,13 +14,16 @@ from megatron_loopmdm.models.pipeline_layout import (
 )
 from megatron_loopmdm.models.sizes import MODEL_SIZES, get_model_size
 
+import pytest
+
 
 def config_for(num_layers, pp, vpp=None, **overrides):
     size = get_model_size("debug")
     return transformer_config(
-        size, ParallelConfig(pipeline_model_parallel_size=pp,
-                             virtual_pipeline_model_parallel_size=vpp),
-        num_layers=num_layers, **overrides,
+        size,
+        ParallelConfig(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp),
+        num_layers=num_layers,
+        **overrides,
     )
 
 
@@ -32,8 +33,9 @@ def test_even_split_ranges():
 
 
 def test_explicit_first_and_last_stage_counts():
-    config = config_for(8, 3, num_layers_in_first_pipeline_stage=2,
-                        num_layers_in_last_pipeline_stage=2)
+    config = config_for(
+        8, 3, num_layers_in_first_pipeline_stage=2, num_layers_in_last_pipeline_stage=2
+    )
     assert stage_layer_ranges(config) == [(0, 2), (2, 6), (6, 8)]
 
 
@@ -64,16 +66,20 @@ def _brute_force_best(num_layers, stages, loop):
         spans = list(zip(bounds[:-1], bounds[1:]))
         if any(lo < end and start < hi and not (lo <= start and end <= hi) for lo, hi in spans):
             continue
-        cost = max(
-            sum(e_s if start <= i < end else 1.0 for i in range(lo, hi)) for lo, hi in spans
-        )
+        cost = max(sum(e_s if start <= i < end else 1.0 for i in range(lo, hi)) for lo, hi in spans)
         best = cost if best is None else min(best, cost)
     return best
 
 
-@pytest.mark.parametrize("num_layers,stages,span,s_max", [
-    (12, 2, (3, 5), 4), (12, 4, (3, 5), 4), (18, 3, (4, 6), 8), (8, 4, (2, 3), 3),
-])
+@pytest.mark.parametrize(
+    "num_layers,stages,span,s_max",
+    [
+        (12, 2, (3, 5), 4),
+        (12, 4, (3, 5), 4),
+        (18, 3, (4, 6), 8),
+        (8, 4, (2, 3), 3),
+    ],
+)
 def test_balanced_layout_is_optimal_and_keeps_loop_whole(num_layers, stages, span, s_max):
     loop = LoopConfig(loop_layers=span, max_loops=s_max)
     counts = balanced_layout(num_layers, stages, loop)

@@ -16,8 +16,17 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("tok")
-    result = run_tool("train_tokenizer.py", "--input", corpus, "--output-dir", out,
-                      "--vocab-size", 600, "--export-gpt2", "--export-tiktoken")
+    result = run_tool(
+        "train_tokenizer.py",
+        "--input",
+        corpus,
+        "--output-dir",
+        out,
+        "--vocab-size",
+        600,
+        "--export-gpt2",
+        "--export-tiktoken",
+    )
     assert result.returncode == 0, result.stderr
     return str(out)
 
@@ -27,9 +36,17 @@ def sentencepiece_model(tmp_path_factory, corpus):
     spm = pytest.importorskip("sentencepiece")
     prefix = tmp_path_factory.mktemp("spm") / "sp"
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(read_jsonl(corpus)), model_prefix=str(prefix), vocab_size=400,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, split_by_whitespace=True,
-        user_defined_symbols=["<mask>"], pad_id=3, minloglevel=2,
+        sentence_iterator=iter(read_jsonl(corpus)),
+        model_prefix=str(prefix),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_by_whitespace=True,
+        user_defined_symbols=["<mask>"],
+        pad_id=3,
+        minloglevel=2,
     )
     return str(prefix) + ".model"

@@ -14,15 +14,22 @@ def tool_cmd(tool, *args):
 
 def run_tool(tool, *args, env=None, timeout=120):
     """Runs tools/<tool> and returns the CompletedProcess (text output)."""
-    return subprocess.run(tool_cmd(tool, *args), capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        tool_cmd(tool, *args), capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
+    )
 
 
 def run_tools(commands, timeout=180):
-    """Runs [(tool, args, env), ...] concurrently; returns CompletedProcess-like results in order."""
+    """Runs [(tool, args, env), ...] concurrently; returns process results in order."""
     procs = [
-        subprocess.Popen(tool_cmd(tool, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=REPO, env=env)
+        subprocess.Popen(
+            tool_cmd(tool, *args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
         for tool, args, env in commands
     ]
     results = []
@@ -35,6 +42,7 @@ def run_tools(commands, timeout=180):
 def read_documents(prefix):
     """The documents of an indexed dataset, as lists of token ids."""
     import megatron_loopmdm  # noqa: F401
+
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)

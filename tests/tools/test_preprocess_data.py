@@ -44,10 +44,10 @@ def _same_files(a, b):
 def test_every_input_format_round_trips(tmp_path, corpus, tokenizer_dir):
     zstandard = pytest.importorskip("zstandard")
     pq = pytest.importorskip("pyarrow.parquet")
+    from megatron_loopmdm.data.tokenizers import build_tokenizer
+
     import datasets
     import pyarrow
-
-    from megatron_loopmdm.data.tokenizers import build_tokenizer
 
     texts = read_jsonl(corpus)[:120]
     parts = [texts[0:20], texts[20:40], texts[40:60], texts[60:80], texts[80:90], texts[90:110]]
@@ -58,8 +58,11 @@ def test_every_input_format_round_trips(tmp_path, corpus, tokenizer_dir):
         f.writelines(json.dumps({"text": t}) + "\n" for t in parts[1])
     raw = "".join(json.dumps({"text": t}) + "\n" for t in parts[2]).encode()
     (inputs / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
-    pq.write_table(pyarrow.table({"text": parts[3], "id": list(range(20))}), inputs / "d.parquet",
-                   row_group_size=7)
+    pq.write_table(
+        pyarrow.table({"text": parts[3], "id": list(range(20))}),
+        inputs / "d.parquet",
+        row_group_size=7,
+    )
     text_dir = tmp_path / "txt"
     text_dir.mkdir()
     for i, t in enumerate(parts[4]):
@@ -69,21 +72,53 @@ def test_every_input_format_round_trips(tmp_path, corpus, tokenizer_dir):
 
     common = [*hf_args(tokenizer_dir), "--append-eod", "--batch-size", 8]
     out = tmp_path / "out"
-    results = run_tools([
-        ("preprocess_data.py", ["--input", inputs / "a.jsonl", inputs / "b.jsonl.gz",
-                                inputs / "c.jsonl.zst", inputs / "d.parquet", text_dir,
-                                "--output-prefix", out / "files", *common], None),
-        ("preprocess_data.py", ["--input", tmp_path / "blocks.txt", "--text-mode", "blank-line",
-                                "--output-prefix", out / "blocks", *common], None),
-        ("preprocess_data.py", ["--hf-dataset", tmp_path / "hf", "--output-prefix", out / "hf",
-                                *common], None),
-    ])
+    results = run_tools(
+        [
+            (
+                "preprocess_data.py",
+                [
+                    "--input",
+                    inputs / "a.jsonl",
+                    inputs / "b.jsonl.gz",
+                    inputs / "c.jsonl.zst",
+                    inputs / "d.parquet",
+                    text_dir,
+                    "--output-prefix",
+                    out / "files",
+                    *common,
+                ],
+                None,
+            ),
+            (
+                "preprocess_data.py",
+                [
+                    "--input",
+                    tmp_path / "blocks.txt",
+                    "--text-mode",
+                    "blank-line",
+                    "--output-prefix",
+                    out / "blocks",
+                    *common,
+                ],
+                None,
+            ),
+            (
+                "preprocess_data.py",
+                ["--hf-dataset", tmp_path / "hf", "--output-prefix", out / "hf", *common],
+                None,
+            ),
+        ]
+    )
     for r in results:
         assert r.returncode == 0, r.stderr
     assert "documents: 90" in results[0].stdout
     tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
-    got = {name: _decode_all(tokenizer, read_documents(str(out / f"{name}_text_document")),
-                             tokenizer.eod) for name in ("files", "blocks", "hf")}
+    got = {
+        name: _decode_all(
+            tokenizer, read_documents(str(out / f"{name}_text_document")), tokenizer.eod
+        )
+        for name in ("files", "blocks", "hf")
+    }
     assert got["files"] == texts[:90]
     assert got["blocks"] == parts[5]
     assert got["hf"] == texts[110:120]
@@ -94,6 +129,7 @@ def _megatron_lm_reference(prefix, jsonl, tokenizer_dir):
     tokenizer: AutoTokenizer ids per document, EOD appended, one add_document per document, dtype
     by DType.optimal_dtype(len(tokenizer))."""
     import megatron_loopmdm  # noqa: F401
+
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from transformers import AutoTokenizer
 
@@ -113,28 +149,62 @@ def test_tokenizer_types_round_trip_and_match_megatron_lm_writer(
 
     tok_args = {
         "hf": hf_args(tokenizer_dir),
-        "gpt2": ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
-                 f"{tokenizer_dir}/vocab.json", "--merge-file", f"{tokenizer_dir}/merges.txt"],
-        "sp": ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
-               sentencepiece_model],
-        "tiktoken": ["--tokenizer-type", "TikTokenizer", "--tokenizer-model",
-                     f"{tokenizer_dir}/tokenizer.tiktoken", "--tiktoken-pattern", "gpt2"],
+        "gpt2": [
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--vocab-file",
+            f"{tokenizer_dir}/vocab.json",
+            "--merge-file",
+            f"{tokenizer_dir}/merges.txt",
+        ],
+        "sp": [
+            "--tokenizer-type",
+            "GPTSentencePieceTokenizer",
+            "--tokenizer-model",
+            sentencepiece_model,
+        ],
+        "tiktoken": [
+            "--tokenizer-type",
+            "TikTokenizer",
+            "--tokenizer-model",
+            f"{tokenizer_dir}/tokenizer.tiktoken",
+            "--tiktoken-pattern",
+            "gpt2",
+        ],
     }
-    results = run_tools([
-        ("preprocess_data.py", ["--input", corpus, "--output-prefix", tmp_path / name,
-                                "--append-eod", "--workers", 1 + (name in ("sp", "gpt2")), *args], None)
-        for name, args in tok_args.items()
-    ])
+    results = run_tools(
+        [
+            (
+                "preprocess_data.py",
+                [
+                    "--input",
+                    corpus,
+                    "--output-prefix",
+                    tmp_path / name,
+                    "--append-eod",
+                    "--workers",
+                    1 + (name in ("sp", "gpt2")),
+                    *args,
+                ],
+                None,
+            )
+            for name, args in tok_args.items()
+        ]
+    )
     for r in results:
         assert r.returncode == 0, r.stderr
     texts = read_jsonl(corpus)
     tokenizers = {
         "hf": build_tokenizer("HuggingFaceTokenizer", tokenizer_dir),
-        "gpt2": build_tokenizer("GPT2BPETokenizer", vocab_file=f"{tokenizer_dir}/vocab.json",
-                                merge_file=f"{tokenizer_dir}/merges.txt"),
+        "gpt2": build_tokenizer(
+            "GPT2BPETokenizer",
+            vocab_file=f"{tokenizer_dir}/vocab.json",
+            merge_file=f"{tokenizer_dir}/merges.txt",
+        ),
         "sp": build_tokenizer("GPTSentencePieceTokenizer", sentencepiece_model),
-        "tiktoken": build_tokenizer("TikTokenizer", f"{tokenizer_dir}/tokenizer.tiktoken",
-                                    tiktoken_pattern="gpt2"),
+        "tiktoken": build_tokenizer(
+            "TikTokenizer", f"{tokenizer_dir}/tokenizer.tiktoken", tiktoken_pattern="gpt2"
+        ),
     }
     for name, tokenizer in tokenizers.items():
         docs = read_documents(str(tmp_path / f"{name}_text_document"))
@@ -152,29 +222,72 @@ def test_workers_shards_and_partitions_equal_a_single_run(tmp_path, corpus, toke
     with gzip.open(inputs[1], "wt", encoding="utf-8") as f:
         f.write("".join(lines[100:130]))
     inputs[2].write_text("".join(lines[130:]), encoding="utf-8")
-    common = ["--input", *inputs, *hf_args(tokenizer_dir), "--append-eod", "--batch-size", 7,
-              "--json-keys", "text", "kind"]
+    common = [
+        "--input",
+        *inputs,
+        *hf_args(tokenizer_dir),
+        "--append-eod",
+        "--batch-size",
+        7,
+        "--json-keys",
+        "text",
+        "kind",
+    ]
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "3"}
-    results = run_tools([
-        ("preprocess_data.py", [*common, "--output-prefix", tmp_path / "single"], None),
-        ("preprocess_data.py", [*common, "--output-prefix", tmp_path / "part",
-                                "--partitions", 2, "--workers", 2], None),
-        ("preprocess_data.py", [*common, "--output-prefix", tmp_path / "sh", "--shard-index", 0,
-                                "--num-shards", 3], None),
-        ("preprocess_data.py", [*common, "--output-prefix", tmp_path / "sh"], env),
-        ("preprocess_data.py", [*common, "--output-prefix", tmp_path / "sh", "--shard-index", 2,
-                                "--num-shards", 3], None),
-    ])
+    results = run_tools(
+        [
+            ("preprocess_data.py", [*common, "--output-prefix", tmp_path / "single"], None),
+            (
+                "preprocess_data.py",
+                [*common, "--output-prefix", tmp_path / "part", "--partitions", 2, "--workers", 2],
+                None,
+            ),
+            (
+                "preprocess_data.py",
+                [
+                    *common,
+                    "--output-prefix",
+                    tmp_path / "sh",
+                    "--shard-index",
+                    0,
+                    "--num-shards",
+                    3,
+                ],
+                None,
+            ),
+            ("preprocess_data.py", [*common, "--output-prefix", tmp_path / "sh"], env),
+            (
+                "preprocess_data.py",
+                [
+                    *common,
+                    "--output-prefix",
+                    tmp_path / "sh",
+                    "--shard-index",
+                    2,
+                    "--num-shards",
+                    3,
+                ],
+                None,
+            ),
+        ]
+    )
     for r in results:
         assert r.returncode == 0, r.stderr
     counts = [int(r.stdout.split("documents: ")[1].split()[0]) for r in results[2:]]
     assert sum(counts) == len(lines) and min(counts) > 0
-    merged = run_tool("merge_datasets.py", "--input", str(tmp_path / "sh-shard*_text_document"),
-                      "--output-prefix", tmp_path / "merged_text_document")
+    merged = run_tool(
+        "merge_datasets.py",
+        "--input",
+        str(tmp_path / "sh-shard*_text_document"),
+        "--output-prefix",
+        tmp_path / "merged_text_document",
+    )
     assert merged.returncode == 0, merged.stderr
     _same_files(str(tmp_path / "single_text_document"), str(tmp_path / "merged_text_document"))
     for key in ("text", "kind"):
-        _same_files(str(tmp_path / f"single_{key}_document"), str(tmp_path / f"part_{key}_document"))
+        _same_files(
+            str(tmp_path / f"single_{key}_document"), str(tmp_path / f"part_{key}_document")
+        )
     assert not list(tmp_path.glob("*.partial*")) and not list(tmp_path.glob("*.tmp-*"))
 
     shard = str(tmp_path / "sh-shard00001-of-00003_text_document")
@@ -183,13 +296,26 @@ def test_workers_shards_and_partitions_equal_a_single_run(tmp_path, corpus, toke
     with open(str(tmp_path / "corrupt.idx"), "wb") as f:
         f.write(idx[:-8])
     os.link(shard + ".bin", tmp_path / "corrupt.bin")
-    incomplete, corrupt = run_tools([
-        ("merge_datasets.py", ["--input", tmp_path / "sh-shard00000-of-00003_text_document",
-                               tmp_path / "sh-shard00002-of-00003_text_document",
-                               "--output-prefix", tmp_path / "bad"], None),
-        ("merge_datasets.py", ["--input", tmp_path / "corrupt", "--output-prefix",
-                               tmp_path / "bad"], None),
-    ])
+    incomplete, corrupt = run_tools(
+        [
+            (
+                "merge_datasets.py",
+                [
+                    "--input",
+                    tmp_path / "sh-shard00000-of-00003_text_document",
+                    tmp_path / "sh-shard00002-of-00003_text_document",
+                    "--output-prefix",
+                    tmp_path / "bad",
+                ],
+                None,
+            ),
+            (
+                "merge_datasets.py",
+                ["--input", tmp_path / "corrupt", "--output-prefix", tmp_path / "bad"],
+                None,
+            ),
+        ]
+    )
     assert incomplete.returncode == 2 and "Missing shard(s) [1] of 3" in incomplete.stderr
     assert corrupt.returncode == 2 and "truncated or corrupt" in corrupt.stderr
     assert not list(tmp_path.glob("bad*"))
@@ -210,19 +336,57 @@ def test_bad_input_is_reported_with_file_line_and_exit_code(tmp_path, tokenizer_
         path = tmp_path / f"bad{n}.jsonl"
         path.write_bytes(b"".join(good[:2]) + line + b"".join(good[2:]))
         files.append(path)
-        commands.append(("preprocess_data.py", ["--input", path, "--output-prefix",
-                                                tmp_path / f"out{n}", *hf_args(tokenizer_dir)],
-                         None))
+        commands.append(
+            (
+                "preprocess_data.py",
+                ["--input", path, "--output-prefix", tmp_path / f"out{n}", *hf_args(tokenizer_dir)],
+                None,
+            )
+        )
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_bytes(b"".join(good[:1] + list(BAD_CASES.values()) + good[1:]) + b"\n")
-    commands.append(("preprocess_data.py", ["--input", mixed, "--output-prefix",
-                                            tmp_path / "skip", "--on-error", "skip",
-                                            "--append-eod", *hf_args(tokenizer_dir)], None))
-    commands.append(("preprocess_data.py", ["--input", tmp_path / "missing.jsonl",
-                                            "--output-prefix", tmp_path / "m",
-                                            *hf_args(tokenizer_dir)], None))
-    commands.append(("preprocess_data.py", ["--input", mixed, "--output-prefix", tmp_path / "m",
-                                            *hf_args(tmp_path / "no_tokenizer")], None))
+    commands.append(
+        (
+            "preprocess_data.py",
+            [
+                "--input",
+                mixed,
+                "--output-prefix",
+                tmp_path / "skip",
+                "--on-error",
+                "skip",
+                "--append-eod",
+                *hf_args(tokenizer_dir),
+            ],
+            None,
+        )
+    )
+    commands.append(
+        (
+            "preprocess_data.py",
+            [
+                "--input",
+                tmp_path / "missing.jsonl",
+                "--output-prefix",
+                tmp_path / "m",
+                *hf_args(tokenizer_dir),
+            ],
+            None,
+        )
+    )
+    commands.append(
+        (
+            "preprocess_data.py",
+            [
+                "--input",
+                mixed,
+                "--output-prefix",
+                tmp_path / "m",
+                *hf_args(tmp_path / "no_tokenizer"),
+            ],
+            None,
+        )
+    )
     results = run_tools(commands)
     for n, ((reason, _), r) in enumerate(zip(BAD_CASES.items(), results)):
         assert r.returncode == 65, (reason, r.stderr)
@@ -249,6 +413,7 @@ def _wait_for(predicate, timeout=60.0):
 def test_interrupted_runs_leave_no_complete_looking_output(tmp_path, tokenizer_dir, corpus):
     """Inputs are FIFOs fed by hand, so each run is certainly mid-way when it is signalled."""
     import megatron_loopmdm  # noqa: F401
+
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     runs = {}
@@ -257,9 +422,19 @@ def test_interrupted_runs_leave_no_complete_looking_output(tmp_path, tokenizer_d
         work.mkdir()
         os.mkfifo(work / "input.jsonl")
         proc = subprocess.Popen(
-            tool_cmd("preprocess_data.py", "--input", work / "input.jsonl", "--output-prefix",
-                     work / "out", *hf_args(tokenizer_dir), "--batch-size", 1),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+            tool_cmd(
+                "preprocess_data.py",
+                "--input",
+                work / "input.jsonl",
+                "--output-prefix",
+                work / "out",
+                *hf_args(tokenizer_dir),
+                "--batch-size",
+                1,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
         )
         runs[sig] = (work, proc)
     head = open(corpus, "rb").read()[:5000].rsplit(b"\n", 1)[0] + b"\n"

@@ -24,10 +24,14 @@ def test_directory_loads_in_transformers_with_special_tokens(tokenizer_dir, corp
 def test_exports_give_the_same_vocabulary(tokenizer_dir, corpus):
     texts = read_jsonl(corpus)[:40]
     hf = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
-    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=f"{tokenizer_dir}/vocab.json",
-                           merge_file=f"{tokenizer_dir}/merges.txt")
-    tik = build_tokenizer("TikTokenizer", f"{tokenizer_dir}/tokenizer.tiktoken",
-                          tiktoken_pattern="gpt2")
+    gpt2 = build_tokenizer(
+        "GPT2BPETokenizer",
+        vocab_file=f"{tokenizer_dir}/vocab.json",
+        merge_file=f"{tokenizer_dir}/merges.txt",
+    )
+    tik = build_tokenizer(
+        "TikTokenizer", f"{tokenizer_dir}/tokenizer.tiktoken", tiktoken_pattern="gpt2"
+    )
     assert gpt2.encode_batch(texts) == hf.encode_batch(texts)
     assert gpt2.eod == hf.eod
     for t, ids in zip(texts, tik.encode_batch(texts)):
@@ -37,8 +41,9 @@ def test_exports_give_the_same_vocabulary(tokenizer_dir, corpus):
 
 
 def test_bad_input_is_reported(tmp_path):
-    result = run_tool("train_tokenizer.py", "--input", tmp_path / "nope.jsonl", "--output-dir",
-                      tmp_path / "t")
+    result = run_tool(
+        "train_tokenizer.py", "--input", tmp_path / "nope.jsonl", "--output-dir", tmp_path / "t"
+    )
     assert result.returncode == 2 and "input file not found" in result.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text key"}\n')

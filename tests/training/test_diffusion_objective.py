@@ -2,9 +2,6 @@
 
 import math
 
-import pytest
-import torch
-
 import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_sum
 from megatron_loopmdm.diffusion.noise import mask_tokens
@@ -13,6 +10,9 @@ from megatron_loopmdm.models.builder import loop_config_for, transformer_config
 from megatron_loopmdm.models.config import LoopConfig
 from megatron_loopmdm.models.sizes import get_model_size
 from megatron_loopmdm.training.flops import flops_per_token
+
+import pytest
+import torch
 
 
 def test_noise_depends_on_sample_index_not_on_batch_position():
