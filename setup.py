@@ -22,6 +22,6 @@ setup(
     extras_require={
         # Input formats and tokenizers of tools/preprocess_data.py beyond JSON lines + HF.
         "data": ["sentencepiece", "tiktoken", "zstandard", "pyarrow"],
-        "test": ["pytest>=8", "ruff", "sentencepiece", "tiktoken", "zstandard", "pyarrow"],
+        "test": ["pytest>=8", "ruff", "psutil", "sentencepiece", "tiktoken", "zstandard", "pyarrow"],
     },
 )

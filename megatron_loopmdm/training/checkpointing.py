@@ -38,7 +38,7 @@ def _model_state(chunks: list) -> dict:
     return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _sharded_state(chunks, optimizer, iteration, is_loading: bool) -> dict:
+def _sharded_state(chunks, optimizer, iteration, is_loading: bool, extra=None) -> dict:
     state = _model_state(chunks)
     if optimizer is not None:
         # The optimizer finds each parameter's sharding in the model state (any nesting).
@@ -48,6 +48,7 @@ def _sharded_state(chunks, optimizer, iteration, is_loading: bool) -> dict:
             metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING},
         )
     state["iteration"] = iteration
+    state["extra"] = extra or {}
     return state
 
 
@@ -60,15 +61,19 @@ def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def save_checkpoint(root, iteration: int, chunks: list, optimizer=None) -> Path:
-    """Saves model (and optimizer) state at `iteration` under `root`; returns its directory."""
+def save_checkpoint(root, iteration: int, chunks: list, optimizer=None, extra=None) -> Path:
+    """Saves model (and optimizer) state at `iteration` under `root`; returns its directory.
+
+    `extra` holds plain Python state saved once (e.g. the LR scheduler, consumed samples and the
+    run's arguments).
+    """
     final = checkpoint_dir(root, iteration)
     staging = final.with_name(final.name + ".tmp")
     if _is_rank0():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    state = _sharded_state(chunks, optimizer, iteration, is_loading=False)
+    state = _sharded_state(chunks, optimizer, iteration, is_loading=False, extra=extra)
     dist_checkpointing.save(state, str(staging))
     _barrier()
     if _is_rank0():
@@ -93,8 +98,11 @@ def latest_iteration(root) -> Optional[int]:
     return int(text)
 
 
-def load_checkpoint(root, chunks: list, optimizer=None, iteration: Optional[int] = None) -> int:
-    """Loads a checkpoint into `chunks` (and `optimizer`); returns its iteration.
+def load_checkpoint(
+    root, chunks: list, optimizer=None, iteration: Optional[int] = None
+) -> tuple[int, dict]:
+    """Loads a checkpoint into `chunks` (and `optimizer` unless None); returns its iteration and
+    the `extra` state saved with it.
 
     Raises:
         FileNotFoundError: with the directory searched, when no checkpoint is there.
@@ -117,4 +125,4 @@ def load_checkpoint(root, chunks: list, optimizer=None, iteration: Optional[int]
             _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    return int(loaded["iteration"])
+    return int(loaded["iteration"]), loaded.get("extra", {})

@@ -1,21 +1,31 @@
 """One masked-diffusion training step over megatron-core's schedules.
 
 A batch is a dict with `tokens` [b, s] int64 (clean) and `sample_index` [b] int64 (each sample's
-global index, which keys its diffusion noise). The loss is summed per micro-batch and
-normalised by the number of tokens of the whole global batch (megatron's per-token loss), so
-any split into micro-batches and data-parallel replicas gives the same loss and gradients.
+global index, which keys its diffusion noise), and optionally `loss_mask` [b, s] (0 on padding),
+`position_ids` and `document_ids` (per-document attention) from `megatron_loopmdm.data`.
+The loss is summed per micro-batch and normalised by the number of tokens of the whole global
+batch (megatron's per-token loss), so any split into micro-batches and data-parallel replicas
+gives the same loss and gradients.
 """
 
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
 
-from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_sum
-from megatron_loopmdm.diffusion.noise import mask_tokens
+from megatron_loopmdm.data.dataset import document_attention_mask
+from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_per_sample
+from megatron_loopmdm.diffusion.noise import (
+    TIME_SAMPLINGS,
+    mask_tokens,
+    random_lengths,
+    sample_times,
+)
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+T_BUCKETS = 4  # the loss is also reported per quarter of t in [0, 1]
 
 
 @dataclass
@@ -28,37 +38,96 @@ class DiffusionConfig:
     time_eps: float = 1e-3
     """Smallest masking probability: p = (1 - eps) t + eps."""
 
+    time_sampling: str = "uniform"
+    """`uniform` t per sample, or `antithetic` (stratified over each global batch)."""
+
+    global_batch_size: int = 1
+    """The group over which antithetic times are stratified."""
+
+    random_length_prob: float = 0.0
+    """Share of samples cut to a random length (LLaDA uses 0.01)."""
+
     def __post_init__(self):
         if not 0 <= self.time_eps < 1:
             raise ValueError(f"time_eps={self.time_eps} must lie in [0, 1).")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}.")
+        if not 0 <= self.random_length_prob <= 1:
+            raise ValueError("random_length_prob must lie in [0, 1].")
 
 
-def _loss_func(mask, p_mask, output_tensor):
+def _loss_func(mask, p_mask, valid, output_tensor):
     # output_tensor: [b, s] fp32 per-token cross entropy from the last stage.
-    loss_sum = masked_diffusion_loss_sum(output_tensor, mask, p_mask)
-    num_tokens = torch.tensor(mask.numel(), dtype=torch.int, device=loss_sum.device)
+    per_sample = masked_diffusion_loss_per_sample(output_tensor, mask, p_mask)  # [b]
+    loss_sum = per_sample.sum()
+    tokens_per_sample = valid.sum(1)
+    num_tokens = tokens_per_sample.sum().to(torch.int)
+    # Loss by t-bucket: p_mask ~ t, so bucket by p.
+    bucket = (p_mask.float() * T_BUCKETS).long().clamp(0, T_BUCKETS - 1)
+    by_t = torch.zeros(2, T_BUCKETS, device=loss_sum.device)
+    by_t[0].index_add_(0, bucket, per_sample.detach())
+    by_t[1].index_add_(0, bucket, tokens_per_sample.float())
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum, num_tokens, {"nelbo": report}
+    return loss_sum, num_tokens, {"nelbo": report, "nelbo_by_t": by_t}
 
 
-def make_forward_step(diffusion: DiffusionConfig, seed: int, num_loops: int):
-    """A `forward_step_func` for megatron's schedules at one loop count."""
+def _prepare(batch, diffusion: DiffusionConfig, seed: int):
+    """Valid positions and the attention mask of a batch (padding, cuts, document bounds)."""
+    tokens = batch["tokens"]
+    valid = batch["loss_mask"].bool() if "loss_mask" in batch else torch.ones_like(tokens).bool()
+    if diffusion.random_length_prob > 0:
+        lengths = random_lengths(
+            batch["sample_index"], seed, diffusion.random_length_prob, tokens.size(1)
+        )
+        valid &= torch.arange(tokens.size(1))[None, :] < lengths[:, None].to(tokens.device)
+    attention_mask = None
+    if "document_ids" in batch:
+        attention_mask = document_attention_mask(batch["document_ids"]) | ~valid[:, None, None]
+    elif not valid.all():
+        attention_mask = ~valid[:, None, None, :]  # [b, 1, 1, s], True = not attended
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
+    return tokens, valid, attention_mask, position_ids
+
+
+def count_loss_tokens(batch: dict, diffusion: DiffusionConfig, seed: int) -> int:
+    """The number of tokens a micro-batch contributes to the loss's normaliser."""
+    return int(_prepare(batch, diffusion, seed)[1].sum())
+
+
+def make_forward_step(
+    diffusion: DiffusionConfig,
+    seed: int,
+    num_loops: int,
+    fixed_t: Optional[float] = None,
+    stream: int = 0,
+):
+    """A `forward_step_func` for megatron's schedules at one loop count.
+
+    With `fixed_t`, every sample is noised at that t (validation on a fixed t-grid); `stream`
+    then selects an independent mask draw per grid point.
+    """
 
     def forward_step(data_iterator: Iterator, model):
         batch = next(data_iterator)
-        tokens = batch["tokens"]
+        tokens, valid, attention_mask, position_ids = _prepare(batch, diffusion, seed)
+        index = batch["sample_index"]
+        if fixed_t is None:
+            t = sample_times(index, seed, diffusion.time_sampling, diffusion.global_batch_size)
+        else:
+            t = torch.full((tokens.size(0),), fixed_t, dtype=torch.float64)
         noisy, mask, p_mask = mask_tokens(
-            tokens, batch["sample_index"], seed, diffusion.mask_token_id, diffusion.time_eps
+            tokens, index, seed, diffusion.mask_token_id, diffusion.time_eps, t, valid, stream
         )
-        position_ids = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
         output = model(
             noisy,
             position_ids=position_ids,
-            attention_mask=batch.get("attention_mask"),
+            attention_mask=attention_mask,
             num_loops=num_loops,
             labels=tokens,
         )
-        return output, partial(_loss_func, mask, p_mask)
+        return output, partial(_loss_func, mask, p_mask, valid)
 
     return forward_step
 
@@ -71,10 +140,29 @@ class StepResult:
     """The global batch's per-token NELBO (on the last pipeline stage; None elsewhere)."""
 
     grad_norm: Optional[float]
-    """The gradient norm before clipping."""
+    """The gradient norm before clipping (None when the step was skipped)."""
 
     update_successful: bool
-    """False when the optimizer skipped the step (non-finite gradients)."""
+    """False when the step was skipped because the loss or a gradient was not finite."""
+
+    loss_by_t: Optional[torch.Tensor] = None
+    """[2, T_BUCKETS]: NELBO numerator and token count per bucket of t (last stage only)."""
+
+
+def _all_finite(model_chunks: list, loss: Optional[float]) -> bool:
+    """Whether the loss and every gradient on every rank are finite (one all-reduce)."""
+    finite = loss is None or torch.isfinite(torch.tensor(loss)).item()
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is not None and not torch.isfinite(grad).all():
+                finite = False
+                break
+    flag = torch.tensor([1.0 if finite else 0.0])
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def train_step(
@@ -86,7 +174,11 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
 ) -> StepResult:
-    """Forward, backward and optimizer step on one global batch."""
+    """Forward, backward and optimizer step on one global batch.
+
+    A step whose loss or gradients are not finite anywhere is skipped: no update, and
+    `update_successful` is False.
+    """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -99,16 +191,20 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    loss, by_t = reduce_loss(losses)
+    if not _all_finite(model_chunks, loss):
+        return StepResult(loss, None, False, by_t)
     update_successful, grad_norm, _ = optimizer.step()
-    return StepResult(reduce_loss(losses), grad_norm, update_successful)
+    return StepResult(loss, grad_norm, update_successful, by_t)
 
 
-def reduce_loss(losses: list) -> Optional[float]:
-    """The per-token NELBO of the global batch from the last stage's micro-batch reports."""
+def reduce_loss(losses: list) -> tuple[Optional[float], Optional[torch.Tensor]]:
+    """The global batch's per-token NELBO and loss by t-bucket, from the last stage's reports."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
+        return None, None
     total = torch.stack([report["nelbo"] for report in losses]).sum(0)
-    torch.distributed.all_reduce(
-        total, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-    )
-    return (total[0] / total[1]).item()
+    by_t = torch.stack([report["nelbo_by_t"] for report in losses]).sum(0)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(total, group=group)
+    torch.distributed.all_reduce(by_t, group=group)
+    return (total[0] / total[1]).item(), by_t

@@ -109,7 +109,7 @@ def main():
     records = []
     first_step = 0
     if args.load:
-        first_step = load_checkpoint(args.load, chunks, optimizer)
+        first_step, _ = load_checkpoint(args.load, chunks, optimizer)
     for step in range(first_step, args.steps):
         if args.save_at is not None and step == args.save_at:
             save_checkpoint(args.save, step, chunks, optimizer)

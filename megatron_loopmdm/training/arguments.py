@@ -1,0 +1,320 @@
+"""The command line of `pretrain_loopmdm.py`, shaped like Megatron-LM's.
+
+Flags keep Megatron-LM's names and meanings; LoopMDM adds the loop and diffusion flags.
+`parse_args` turns the command line into validated arguments once; every incompatible
+combination is rejected here, before any process group starts, with a message that says what to
+change.
+"""
+
+import argparse
+import os
+from typing import Optional
+
+from megatron_loopmdm.models.config import INPUT_INJECTIONS, LOOP_SAMPLINGS
+from megatron_loopmdm.models.sizes import MODEL_SIZES
+
+
+def _model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model-size",
+        choices=sorted(MODEL_SIZES),
+        default=None,
+        help="a named size; the flags below override its fields",
+    )
+    group.add_argument("--num-layers", type=int)
+    group.add_argument("--hidden-size", type=int)
+    group.add_argument("--ffn-hidden-size", type=int)
+    group.add_argument("--num-attention-heads", type=int)
+    group.add_argument("--num-query-groups", type=int)
+    group.add_argument("--seq-length", type=int)
+    group.add_argument("--max-position-embeddings", type=int)
+    group.add_argument(
+        "--position-embedding-type", choices=["rope", "learned_absolute"], default="rope"
+    )
+    group.add_argument("--rotary-base", type=int, default=10000)
+    group.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"])
+    group.add_argument("--swiglu", action="store_true", default=None)
+    group.add_argument("--no-swiglu", dest="swiglu", action="store_false")
+    group.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    group.add_argument("--hidden-dropout", type=float, default=0.0)
+    group.add_argument("--attention-dropout", type=float, default=0.0)
+    group.add_argument(
+        "--transformer-impl",
+        choices=["local", "transformer_engine"],
+        default=None,
+        help="default: transformer_engine when installed on GPU",
+    )
+
+
+def _parallel_args(parser):
+    group = parser.add_argument_group("parallelism")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    group.add_argument("--decoder-first-pipeline-num-layers", type=int)
+    group.add_argument("--decoder-last-pipeline-num-layers", type=int)
+    group.add_argument(
+        "--pipeline-model-parallel-layout",
+        default=None,
+        help='megatron layout string, e.g. "Et*3|t*5L", or "auto" (balanced by '
+        "expected compute, keeping the loop block in one stage)",
+    )
+    group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--overlap-grad-reduce", action="store_true")
+    group.add_argument("--recompute-granularity", choices=["full", "selective"])
+    group.add_argument("--deepspeed", action="store_true", help="DeepSpeed ZeRO backend")
+    group.add_argument("--deepspeed-config", help="DeepSpeed JSON config (ZeRO stage 1, 2, 3)")
+    group.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
+
+
+def _training_args(parser):
+    group = parser.add_argument_group("training")
+    group.add_argument("--micro-batch-size", type=int, required=True)
+    group.add_argument("--global-batch-size", type=int)
+    group.add_argument("--train-iters", type=int, required=True)
+    group.add_argument("--lr", type=float, required=True)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument(
+        "--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine"
+    )
+    group.add_argument("--lr-warmup-iters", type=int, default=0)
+    group.add_argument("--lr-decay-iters", type=int)
+    group.add_argument("--lr-wsd-decay-iters", type=int)
+    group.add_argument(
+        "--lr-wsd-decay-style",
+        choices=["linear", "cosine", "exponential", "minus_sqrt"],
+        default="linear",
+    )
+    group.add_argument("--weight-decay", type=float, default=0.1)
+    group.add_argument("--adam-beta1", type=float, default=0.9)
+    group.add_argument("--adam-beta2", type=float, default=0.95)
+    group.add_argument("--adam-eps", type=float, default=1e-8)
+    group.add_argument("--clip-grad", type=float, default=1.0)
+    group.add_argument("--bf16", action="store_true")
+    group.add_argument("--fp16", action="store_true")
+    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument(
+        "--max-skipped-iterations",
+        type=int,
+        default=10,
+        help="stop after this many consecutive steps with non-finite loss/grads",
+    )
+
+
+def _data_args(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-path", nargs="+", help="[weight] prefix [[weight] prefix ...]")
+    group.add_argument("--split", default="969,30,1")
+    group.add_argument("--train-data-path", nargs="+")
+    group.add_argument("--valid-data-path", nargs="+")
+    group.add_argument("--test-data-path", nargs="+")
+    group.add_argument("--data-cache-path")
+    group.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    group.add_argument("--tokenizer-model")
+    group.add_argument("--vocab-file")
+    group.add_argument("--merge-file")
+    group.add_argument(
+        "--mock-data",
+        action="store_true",
+        help="synthetic, learnable token sequences (no files needed)",
+    )
+    group.add_argument(
+        "--vocab-size",
+        type=int,
+        default=1024,
+        help="vocabulary of --mock-data ([MASK] is its last id)",
+    )
+    group.add_argument("--per-document-attention", action="store_true")
+
+
+def _checkpoint_args(parser):
+    group = parser.add_argument_group("checkpointing")
+    group.add_argument("--save")
+    group.add_argument("--load")
+    group.add_argument("--save-interval", type=int)
+    group.add_argument("--finetune", action="store_true", help="load weights only")
+    group.add_argument("--no-load-optim", action="store_true")
+    group.add_argument("--no-load-rng", action="store_true")
+
+
+def _logging_args(parser):
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-interval", type=int, default=10)
+    group.add_argument("--tensorboard-dir")
+    group.add_argument("--eval-interval", type=int)
+    group.add_argument("--eval-iters", type=int, default=10)
+    group.add_argument("--eval-num-loops", type=int, help="loops for validation (default S_max)")
+    group.add_argument("--wandb-project")
+    group.add_argument("--metrics-file", help="also append each iteration's metrics as JSON lines")
+
+
+def _loop_and_diffusion_args(parser):
+    group = parser.add_argument_group("LoopMDM")
+    group.add_argument(
+        "--loop-layers",
+        type=int,
+        nargs=2,
+        metavar=("START", "END"),
+        help="looped span, 0-based, end exclusive (default: the size's)",
+    )
+    group.add_argument("--max-loops", type=int, help="S_max (default: the size's)")
+    group.add_argument("--loop-sampling", choices=LOOP_SAMPLINGS, default="uniform")
+    group.add_argument("--loop-input-injection", choices=INPUT_INJECTIONS, default="none")
+    group.add_argument("--loop-embedding", action="store_true")
+    group.add_argument("--loop-backprop-depth", type=int)
+    group = parser.add_argument_group("diffusion")
+    group.add_argument("--mask-token-id", type=int, help="default: the tokenizer's mask token")
+    group.add_argument("--time-eps", type=float, default=1e-3)
+    group.add_argument("--time-sampling", choices=["uniform", "antithetic"], default="uniform")
+    group.add_argument("--random-length-prob", type=float, default=0.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_loopmdm.py",
+        description="Pre-train a looped masked diffusion LM (run under torchrun).",
+    )
+    for add in (
+        _model_args,
+        _parallel_args,
+        _training_args,
+        _data_args,
+        _checkpoint_args,
+        _logging_args,
+        _loop_and_diffusion_args,
+    ):
+        add(parser)
+    return parser
+
+
+def _check(condition: bool, message: str, errors: list) -> None:
+    if not condition:
+        errors.append(message)
+
+
+def validate_args(args, world_size: int) -> list[str]:
+    """Every incompatible combination, as messages that say what to change (empty if fine)."""
+    errors = []
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _check(
+        world_size % (tp * pp) == 0,
+        f"{world_size} processes cannot be split into --tensor-model-parallel-size {tp} x "
+        f"--pipeline-model-parallel-size {pp}; use a world size that is a multiple of "
+        f"{tp * pp}.",
+        errors,
+    )
+    dp = max(world_size // (tp * pp), 1)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    _check(
+        args.global_batch_size % (args.micro_batch_size * dp) == 0,
+        f"--global-batch-size {args.global_batch_size} must be a multiple of "
+        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
+        errors,
+    )
+    _check(not (args.bf16 and args.fp16), "Choose one of --bf16 and --fp16.", errors)
+    _check(
+        not (args.sequence_parallel and tp == 1),
+        "--sequence-parallel needs --tensor-model-parallel-size > 1.",
+        errors,
+    )
+    _check(
+        not (args.overlap_grad_reduce and args.deepspeed),
+        "--overlap-grad-reduce is a megatron-DDP option; DeepSpeed overlaps by its config "
+        "(overlap_comm). Drop --overlap-grad-reduce with --deepspeed.",
+        errors,
+    )
+    _check(
+        not (args.use_distributed_optimizer and args.deepspeed),
+        "--use-distributed-optimizer and --deepspeed are two ZeRO backends; choose one.",
+        errors,
+    )
+    _check(
+        not (args.deepspeed and not args.deepspeed_config),
+        "--deepspeed needs --deepspeed-config ds.json (see examples/deepspeed/).",
+        errors,
+    )
+    _check(
+        not (args.deepspeed_config and not args.deepspeed),
+        "--deepspeed-config is only read with --deepspeed.",
+        errors,
+    )
+    _check(
+        not (args.deepspeed and pp > 1),
+        "DeepSpeed's pipeline engine needs its own PipelineModule and supports only ZeRO-1; "
+        "with --pipeline-model-parallel-size > 1 use the megatron backend "
+        "(--use-distributed-optimizer) instead of --deepspeed.",
+        errors,
+    )
+    _check(
+        args.mock_data or args.data_path or args.train_data_path,
+        "No training data: give --data-path (or --train-data-path), or --mock-data.",
+        errors,
+    )
+    _check(
+        not (args.mock_data and (args.data_path or args.train_data_path)),
+        "--mock-data replaces --data-path/--train-data-path; give one of them.",
+        errors,
+    )
+    _check(
+        not (args.data_path and args.train_data_path),
+        "Give --data-path with --split, or per-split --train/valid/test-data-path, not both.",
+        errors,
+    )
+    _check(
+        not (args.data_path or args.train_data_path) or args.tokenizer_model or args.vocab_file,
+        "Real data needs its tokenizer: --tokenizer-type and --tokenizer-model (or "
+        "--vocab-file/--merge-file).",
+        errors,
+    )
+    _check(args.save_interval is None or args.save, "--save-interval needs --save DIR.", errors)
+    _check(not (args.finetune and not args.load), "--finetune needs --load DIR.", errors)
+    _check(
+        args.load is None or os.path.isdir(args.load) or args.load == args.save,
+        f"--load {args.load}: no such directory.",
+        errors,
+    )
+    _check(
+        args.lr_decay_style != "WSD" or args.lr_wsd_decay_iters,
+        "--lr-decay-style WSD needs --lr-wsd-decay-iters (the length of the final decay).",
+        errors,
+    )
+    _check(
+        args.lr_warmup_iters <= args.train_iters,
+        "--lr-warmup-iters must not exceed --train-iters.",
+        errors,
+    )
+    _check(args.min_lr <= args.lr, "--min-lr must not exceed --lr.", errors)
+    _check(
+        args.eval_interval is None or args.eval_interval > 0,
+        "--eval-interval must be positive.",
+        errors,
+    )
+    _check(
+        args.model_size is not None
+        or all(
+            getattr(args, name) is not None
+            for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+        ),
+        "Give --model-size NAME, or --num-layers, --hidden-size, --num-attention-heads and "
+        "--seq-length.",
+        errors,
+    )
+    _check(0.0 <= args.random_length_prob <= 1.0, "--random-length-prob must be in [0, 1].", errors)
+    return errors
+
+
+def parse_args(argv: Optional[list] = None, world_size: Optional[int] = None):
+    """Parses and validates; exits with status 2 and every problem listed on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    errors = validate_args(args, world_size)
+    if errors:
+        parser.error("\n  " + "\n  ".join(errors))
+    return args

@@ -1,0 +1,568 @@
+"""Training with DeepSpeed ZeRO (stages 1-3) instead of megatron DDP and its optimizer.
+
+All DeepSpeed coupling of the project lives here; model code never imports DeepSpeed, which is
+imported only when a `DeepSpeedTrainer` is built (a clear error says how to install it).
+
+The trainer wraps one *unwrapped* `LoopMDMModel` (no megatron DDP) and gives the same step as
+the megatron path (`training.step.train_step`):
+
+- **loss and gradients**: the gradient of (sum over the global batch of each micro-batch's
+  `loss_sum`) / (tokens in the global batch). DeepSpeed divides each backward by the number of
+  accumulation steps and averages gradients over data-parallel replicas, so each micro-batch
+  backpropagates `loss_sum * data_parallel_size / global_tokens` without DeepSpeed's
+  accumulation scaling. `global_tokens` must be known before the first backward: the caller
+  passes a function that counts a micro-batch's loss tokens from the batch (padding and random
+  lengths make them differ), or else every micro-batch must count the same number. The count
+  is checked against the loss function's, all-reduced, before the update.
+- **non-finite gradients**: DeepSpeed skips the update (fp32, bf16 and fp16); the step reports
+  `update_successful=False` and no gradient norm, as the megatron path does.
+- **optimizer**: torch's `AdamW` (so DeepSpeed does not JIT-compile its CPU Adam), with
+  megatron's parameter groups: `wd_mult=0` (no weight decay) for biases and 1-D parameters
+  (norms), as megatron's `OptimizerParamScheduler` applies them; clipping by DeepSpeed's
+  `gradient_clipping` (the same `max_norm / (norm + 1e-6)` as megatron's).
+- **tensor and sequence parallelism**: `MegatronMPU` answers DeepSpeed's model-parallel queries
+  with megatron's tensor-parallel groups, so the gradient norm counts replicated parameters once.
+  Under sequence parallelism the parameters tagged `sequence_parallel` (norms, loop adapter, loop
+  embedding) see only this rank's slice of the sequence; a gradient hook sums their gradient over
+  the tensor-parallel group *before* DeepSpeed accumulates or reduces it (what megatron's
+  `finalize_model_grads` does), which works at every ZeRO stage.
+- **a loop count that changes every step**: a looped layer runs S times in one forward, so
+  ZeRO-3's prefetch trace (recorded module order) changes with S. The config passed to DeepSpeed
+  turns prefetching off (`stage3_prefetch_bucket_size: 0`, `stage3_max_reuse_distance: 0`);
+  a config asking for prefetching is refused. A parameter unused in a step (the injection
+  adapter when S=1) must step with a zero gradient, as on the megatron path: ZeRO-3 would keep
+  its gradient partition from an earlier step, so the trainer zeroes the partitions first.
+
+Pipeline parallelism is refused: DeepSpeed's own pipeline engine needs its `PipelineModule` and
+supports only ZeRO-1; use the megatron backend (`--use-distributed-optimizer` is ZeRO-1 there).
+"""
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from megatron_loopmdm.distributed.parallel import ParallelConfig
+from megatron_loopmdm.training.step import StepResult
+
+import torch
+from megatron.core import parallel_state
+
+_SUPPORTED_STAGES = (1, 2, 3)
+
+# DeepSpeed merges the client state into its own checkpoint dict; ours lives under one key.
+_CLIENT_KEY = "megatron_loopmdm"
+
+# Sections this backend sets itself: a config that holds them is refused.
+_OWNED_SECTIONS = {
+    "optimizer": "the optimizer is torch AdamW built from --lr, --adam-beta1/2, --adam-eps and "
+    "--weight-decay",
+    "scheduler": "the learning rate follows the run's own schedule (--lr-decay-style, ...)",
+    "pipeline": "pipeline parallelism with DeepSpeed is not supported",
+}
+
+
+def import_deepspeed():
+    """Imports DeepSpeed, or raises an ImportError that says how to get it."""
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise ImportError(
+            "The DeepSpeed backend (--deepspeed) needs the deepspeed package: "
+            "`pip install deepspeed==0.19.8` (`make install` installs it), or train without "
+            "--deepspeed on the megatron backend."
+        ) from error
+    return deepspeed
+
+
+def load_deepspeed_config(path) -> dict:
+    """Reads a DeepSpeed JSON config, with a clear error for a missing or invalid file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"--deepspeed-config {path}: no such file. Pass a DeepSpeed JSON config, e.g. "
+            "examples/deepspeed/zero2.json."
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--deepspeed-config {path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed-config {path} must hold a JSON object, not {config!r}.")
+    return config
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The config's ZeRO stage (0 when it has no `zero_optimization` section)."""
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def _enabled(ds_config: dict, section: str) -> bool:
+    return bool(ds_config.get(section, {}).get("enabled", False))
+
+
+def validate_deepspeed_config(
+    ds_config: dict,
+    parallel: ParallelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    clip_grad: Optional[float] = None,
+) -> None:
+    """Refuses DeepSpeed configs and layouts this backend cannot train correctly.
+
+    Args:
+        ds_config: the DeepSpeed config (before `prepare_deepspeed_config`).
+        parallel: the run's parallel layout.
+        params_dtype: the run's parameter dtype (fp32, bf16 or fp16).
+        clip_grad: the run's gradient clipping (`--clip-grad`); None skips the check.
+
+    Raises:
+        ValueError: with what to change.
+    """
+    if parallel.pipeline_model_parallel_size > 1:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size} with "
+            "--deepspeed is not supported: DeepSpeed's pipeline engine needs its own "
+            "PipelineModule and supports only ZeRO-1. For pipeline parallelism train on the "
+            "megatron backend (drop --deepspeed) and add --use-distributed-optimizer for "
+            "ZeRO-1-style sharded optimizer state."
+        )
+    for section, why in _OWNED_SECTIONS.items():
+        if section in ds_config:
+            raise ValueError(f"Remove the {section!r} section from the DeepSpeed config: {why}.")
+    stage = zero_stage(ds_config)
+    if stage == 0:
+        raise ValueError(
+            "zero_optimization.stage=0 (or no zero_optimization section) is not supported: "
+            "without ZeRO, torch AdamW skips parameters that got no gradient this step (the "
+            "injection adapter when S=1), unlike the megatron optimizer. Use stage 1, 2 or 3, "
+            "or the megatron backend (drop --deepspeed) for plain data parallelism."
+        )
+    if stage not in _SUPPORTED_STAGES:
+        raise ValueError(f"zero_optimization.stage={stage!r} is not a ZeRO stage; use 1, 2 or 3.")
+    _validate_precision(ds_config, params_dtype)
+    _validate_zero_options(ds_config.get("zero_optimization", {}), stage)
+    if "activation_checkpointing" in ds_config:
+        raise ValueError(
+            "Remove the 'activation_checkpointing' section from the DeepSpeed config: DeepSpeed's "
+            "checkpointing is reentrant, which breaks ZeRO-2 when the loop block reuses a layer "
+            "in one step, and the model never calls it. Use --recompute-granularity full: the "
+            "model's own recompute is non-reentrant and safe with loops at every ZeRO stage."
+        )
+    if ds_config.get("sequence_parallel_size", 1) != 1:
+        raise ValueError(
+            "sequence_parallel_size in the DeepSpeed config is DeepSpeed-Ulysses, which this "
+            "model does not implement; remove it and use --sequence-parallel (megatron's, with "
+            "--tensor-model-parallel-size > 1)."
+        )
+    configured_clip = ds_config.get("gradient_clipping")
+    if clip_grad is not None and configured_clip is not None and configured_clip != clip_grad:
+        raise ValueError(
+            f"The DeepSpeed config's gradient_clipping={configured_clip} contradicts "
+            f"--clip-grad {clip_grad}; remove gradient_clipping from the config or make them "
+            "equal."
+        )
+
+
+def _validate_precision(ds_config: dict, params_dtype: torch.dtype) -> None:
+    fp16, bf16 = _enabled(ds_config, "fp16"), _enabled(ds_config, "bf16")
+    if fp16 and bf16:
+        raise ValueError("The DeepSpeed config enables both fp16 and bf16; enable at most one.")
+    configured = torch.float16 if fp16 else torch.bfloat16 if bf16 else torch.float32
+    if configured != params_dtype:
+        flag = {torch.float16: "--fp16", torch.bfloat16: "--bf16", torch.float32: "neither"}
+        raise ValueError(
+            f"The DeepSpeed config trains in {configured} but the run's parameters are "
+            f'{params_dtype}: set "enabled" of the config\'s fp16/bf16 sections to match, or '
+            f"pass {flag[configured]} (of --fp16/--bf16) to the run."
+        )
+
+
+def _validate_zero_options(zero: dict, stage: int) -> None:
+    for offload in ("offload_optimizer", "offload_param"):
+        device = zero.get(offload, {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(
+                f"zero_optimization.{offload}.device={device!r} is not supported: ZeRO-Offload "
+                "needs DeepSpeed's compiled CPU Adam, and this backend trains with torch AdamW. "
+                f'Remove {offload} (or set its device to "none").'
+            )
+    if stage == 3:
+        for key in ("stage3_prefetch_bucket_size", "stage3_max_reuse_distance"):
+            if zero.get(key, 0) not in (0, "auto"):
+                raise ValueError(
+                    f"zero_optimization.{key}={zero[key]} turns on ZeRO-3 parameter prefetching, "
+                    "which replays the module order recorded on an earlier step; the loop count "
+                    "S changes every step (a looped layer runs S times), so that order changes. "
+                    f"Set {key} to 0 (examples/deepspeed/zero3.json)."
+                )
+
+
+def fill_batch_sizes(
+    ds_config: dict, micro_batch_size: int, global_batch_size: int, data_parallel_size: int
+) -> dict:
+    """A copy of `ds_config` with DeepSpeed's three batch sizes set from the run's.
+
+    `train_micro_batch_size_per_gpu` = --micro-batch-size, `train_batch_size` =
+    --global-batch-size, `gradient_accumulation_steps` = global / (micro x data parallel).
+    Values already in the config ("auto" aside) must agree.
+
+    Raises:
+        ValueError: when the global batch does not split evenly, or the config disagrees.
+    """
+    per_step = micro_batch_size * data_parallel_size
+    if micro_batch_size < 1 or global_batch_size % per_step:
+        raise ValueError(
+            f"--global-batch-size {global_batch_size} must be a positive multiple of "
+            f"--micro-batch-size {micro_batch_size} x data-parallel size {data_parallel_size} "
+            f"= {per_step}."
+        )
+    sizes = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": global_batch_size // per_step,
+        "train_batch_size": global_batch_size,
+    }
+    config = copy.deepcopy(ds_config)
+    for key, value in sizes.items():
+        configured = config.get(key, "auto")
+        if configured not in ("auto", value):
+            raise ValueError(
+                f"The DeepSpeed config's {key}={configured} contradicts the run's "
+                f"{value} (from --micro-batch-size {micro_batch_size}, --global-batch-size "
+                f"{global_batch_size}, data-parallel size {data_parallel_size}); remove {key} "
+                'from the config or set it to "auto".'
+            )
+        config[key] = value
+    return config
+
+
+def prepare_deepspeed_config(
+    ds_config: dict,
+    parallel: ParallelConfig,
+    micro_batch_size: int,
+    global_batch_size: int,
+    data_parallel_size: int,
+    params_dtype: torch.dtype = torch.float32,
+    clip_grad: float = 1.0,
+) -> dict:
+    """Validates `ds_config` and returns the config handed to `deepspeed.initialize`.
+
+    Fills in batch sizes and gradient clipping, allows torch AdamW under ZeRO, and (stage 3)
+    turns off parameter prefetching, whose recorded module order a varying loop count breaks.
+    """
+    validate_deepspeed_config(ds_config, parallel, params_dtype, clip_grad)
+    config = fill_batch_sizes(ds_config, micro_batch_size, global_batch_size, data_parallel_size)
+    config["gradient_clipping"] = clip_grad
+    config["zero_allow_untested_optimizer"] = True
+    config.setdefault("steps_per_print", 2**31 - 1)  # the run logs; DeepSpeed stays quiet
+    zero = config["zero_optimization"]
+    if zero_stage(config) == 3:
+        zero["stage3_prefetch_bucket_size"] = 0
+        zero["stage3_max_reuse_distance"] = 0
+    return config
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed asks for, answered from megatron's `parallel_state`.
+
+    DeepSpeed's "model parallel" means the ranks that split one copy of the weights; with
+    pipeline parallelism refused that is megatron's tensor-parallel group. `parallel_state`
+    itself lacks the `get_model_parallel_*` names DeepSpeed calls. DeepSpeed's sequence-parallel
+    queries (DeepSpeed-Ulysses) are deliberately not answered: megatron's sequence parallelism
+    lives inside the tensor-parallel group.
+    """
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return parallel_state.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return parallel_state.get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list:
+        return list(parallel_state._DATA_PARALLEL_GLOBAL_RANKS)
+
+    def get_pipeline_model_parallel_group(self):
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+@dataclass
+class AdamWConfig:
+    """The run's AdamW settings (megatron's `OptimizerConfig` names)."""
+
+    lr: float
+    """Initial learning rate; `DeepSpeedTrainer.set_lr` changes it per step."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay; `set_weight_decay` changes it per step."""
+
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+    decay_biases_and_norms: bool = False
+    """Also decay biases and 1-D parameters (norms). megatron's groups give them `wd_mult=0`,
+    but only megatron's `OptimizerParamScheduler` applies `wd_mult`: megatron's optimizer
+    stepped without that scheduler decays every parameter. True reproduces that."""
+
+    @classmethod
+    def from_optimizer_config(cls, config, decay_biases_and_norms: bool = False) -> "AdamWConfig":
+        """From a megatron `OptimizerConfig` (e.g. `setup.default_optimizer_config`)."""
+        if config.optimizer != "adam" or not config.decoupled_weight_decay:
+            raise ValueError(
+                f"The DeepSpeed backend trains with AdamW; --optimizer {config.optimizer} "
+                f"(decoupled weight decay {config.decoupled_weight_decay}) is not supported."
+            )
+        return cls(
+            config.lr,
+            config.weight_decay,
+            config.adam_beta1,
+            config.adam_beta2,
+            config.adam_eps,
+            decay_biases_and_norms,
+        )
+
+
+def adamw_param_groups(
+    model: torch.nn.Module, weight_decay: float, decay_biases_and_norms: bool = False
+) -> list:
+    """megatron's default groups: `wd_mult=0` for biases and 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if (param.dim() == 1 or name.endswith(".bias")) and not decay_biases_and_norms:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    return grad
+
+
+def register_sequence_parallel_grad_hooks(model: torch.nn.Module) -> int:
+    """Sums the gradients of `sequence_parallel` parameters over the tensor-parallel group.
+
+    The hook runs on each parameter's gradient of one backward pass, after autograd has summed
+    the contributions of every loop iteration and before the gradient is accumulated or handed
+    to DeepSpeed's reduction, so it is correct at every ZeRO stage and with accumulation.
+    Every tensor-parallel rank holds the same tagged parameters in the same order, so the
+    collectives match.
+
+    Returns:
+        The number of parameters hooked.
+    """
+    count = 0
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False) and param.requires_grad:
+            param.register_hook(_sum_over_tensor_parallel)
+            count += 1
+    return count
+
+
+class DeepSpeedTrainer:
+    """A `LoopMDMModel` trained by a DeepSpeed engine (ZeRO stage from the config).
+
+    Args:
+        model: this rank's unwrapped model (`setup.build_model_chunks(...)[0]`).
+        ds_config: the output of `prepare_deepspeed_config`.
+        adamw: the optimizer settings.
+        parallel: the run's layout (sequence parallelism adds gradient hooks).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, ds_config: dict, adamw: AdamWConfig, parallel: ParallelConfig
+    ):
+        deepspeed = import_deepspeed()
+        if parallel.sequence_parallel:
+            register_sequence_parallel_grad_hooks(model)
+        self.optimizer = torch.optim.AdamW(
+            adamw_param_groups(model, adamw.weight_decay, adamw.decay_biases_and_norms),
+            lr=adamw.lr,
+            betas=(adamw.adam_beta1, adamw.adam_beta2),
+            eps=adamw.adam_eps,
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_config, mpu=MegatronMPU()
+        )
+        self.data_parallel_size = parallel_state.get_data_parallel_world_size()
+        self.zero_stage = zero_stage(ds_config)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model (its parameters are ZeRO-3 partitions outside forward/backward)."""
+        return self.engine.module
+
+    def set_lr(self, lr: float) -> None:
+        """Sets the learning rate of every parameter group for the next step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_weight_decay(self, weight_decay: float) -> None:
+        """Sets the weight decay for the next step (times each group's `wd_mult`)."""
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = weight_decay * group["wd_mult"]
+
+    def train_step(
+        self,
+        forward_step_func,
+        data_iterator,
+        num_microbatches: int,
+        num_tokens_func: Optional[Callable[[dict], int]] = None,
+    ) -> StepResult:
+        """Forward, backward and optimizer step on this rank's share of one global batch.
+
+        Each micro-batch backpropagates `loss_sum * dp / global_tokens`, so the global token
+        count must be known before the first backward. With `num_tokens_func` (a micro-batch's
+        loss token count from the batch alone, e.g. its valid positions) this rank's
+        micro-batches are read first and counted, so micro-batches may differ (padding, random
+        lengths). Without it every micro-batch must count the same tokens (b * s).
+
+        Args:
+            forward_step_func: `step.make_forward_step(...)`; its loss function returns
+                `(loss_sum, num_tokens, report)` with `report["nelbo"] = [loss_sum, num_tokens]`
+                (and optionally `report["nelbo_by_t"]`, [2, buckets]).
+            data_iterator: yields this rank's `num_microbatches` micro-batches.
+            num_microbatches: must equal the config's `gradient_accumulation_steps`.
+            num_tokens_func: optional, see above.
+
+        Returns:
+            The global batch's per-token NELBO, the gradient norm before clipping (None when
+            DeepSpeed skipped the update for non-finite gradients) and whether it updated.
+        """
+        engine = self.engine
+        if num_microbatches != engine.gradient_accumulation_steps():
+            raise ValueError(
+                f"{num_microbatches} micro-batches per step, but the DeepSpeed config has "
+                f"gradient_accumulation_steps={engine.gradient_accumulation_steps()}."
+            )
+        global_tokens = None
+        if num_tokens_func is not None:
+            batches = [next(data_iterator) for _ in range(num_microbatches)]
+            global_tokens = self._sum_over_data_parallel(
+                torch.tensor([float(sum(num_tokens_func(batch) for batch in batches))])
+            ).item()
+            data_iterator = iter(batches)
+        engine.train()
+        if self.zero_stage == 3:
+            # ZeRO-3 overwrites a parameter's gradient partition only when the parameter gets a
+            # gradient, so one unused this step (the injection adapter when S=1) would step
+            # with its gradient from an earlier step. The megatron path gives it zero.
+            engine.optimizer.grad_partitions_flat_buffer.zero_()
+        reports = []
+        for i in range(num_microbatches):
+            output, loss_func = forward_step_func(data_iterator, engine)
+            loss_sum, num_tokens, report = loss_func(output)
+            if global_tokens is None:
+                global_tokens = int(num_tokens) * num_microbatches * self.data_parallel_size
+            elif num_tokens_func is None and int(num_tokens) != reports[0]["nelbo"][1]:
+                raise RuntimeError(
+                    f"Micro-batches count different numbers of tokens ({int(num_tokens)} after "
+                    f"{int(reports[0]['nelbo'][1])}): pass num_tokens_func to "
+                    "DeepSpeedTrainer.train_step."
+                )
+            # DeepSpeed averages gradients over data-parallel replicas: scaling by the replica
+            # count gives the gradient of the global loss sum over the global token count.
+            engine.backward(
+                loss_sum * (self.data_parallel_size / global_tokens), scale_wrt_gas=False
+            )
+            reports.append(report)
+            if i < num_microbatches - 1:
+                engine.step()  # only counts the micro-step: not an accumulation boundary
+        total = self._sum_over_data_parallel(torch.stack([r["nelbo"] for r in reports]).sum(0))
+        if int(total[1]) != int(global_tokens):
+            raise RuntimeError(
+                f"The global batch holds {int(total[1])} tokens, not the {int(global_tokens)} its "
+                "gradients were scaled for (num_tokens_func disagrees with the loss function, or "
+                "data-parallel ranks saw different micro-batch sizes)."
+            )
+        loss_by_t = None
+        if all("nelbo_by_t" in r for r in reports):
+            loss_by_t = self._sum_over_data_parallel(
+                torch.stack([r["nelbo_by_t"] for r in reports]).sum(0)
+            )
+        engine.step()  # the accumulation boundary: clip and update (skipped if not finite)
+        applied = bool(engine.was_step_applied())
+        grad_norm = engine.get_global_grad_norm() if applied else None
+        return StepResult(
+            loss=(total[0] / total[1]).item(),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            update_successful=applied,
+            loss_by_t=loss_by_t,
+        )
+
+    @staticmethod
+    def _sum_over_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        return tensor
+
+    def save_checkpoint(self, save_dir, iteration: int, client_state: Optional[dict] = None):
+        """Saves DeepSpeed's checkpoint under `save_dir/iter_<iteration>` and updates `latest`.
+
+        Collective: every rank calls it. `client_state` (e.g. data-loader position) comes back
+        from `load_checkpoint`.
+        """
+        state = {_CLIENT_KEY: {"iteration": iteration, "client_state": dict(client_state or {})}}
+        self.engine.save_checkpoint(
+            str(save_dir), tag=f"iter_{iteration:07d}", client_state=state, save_latest=True
+        )
+
+    def load_checkpoint(self, load_dir) -> tuple:
+        """Loads the checkpoint named by `load_dir/latest`; returns (iteration, client_state).
+
+        Raises:
+            FileNotFoundError: when `load_dir` holds no DeepSpeed checkpoint.
+        """
+        if not os.path.isfile(os.path.join(load_dir, "latest")):
+            raise FileNotFoundError(
+                f"--load {load_dir}: no DeepSpeed checkpoint (no 'latest' file). Point --load at "
+                "the --save directory of a --deepspeed run."
+            )
+        path, client_state = self.engine.load_checkpoint(str(load_dir))
+        if path is None:
+            raise FileNotFoundError(f"--load {load_dir}: DeepSpeed found no checkpoint to load.")
+        if _CLIENT_KEY not in client_state:
+            raise ValueError(
+                f"--load {load_dir}: the DeepSpeed checkpoint was not saved by "
+                "DeepSpeedTrainer.save_checkpoint (no iteration in it)."
+            )
+        ours = client_state[_CLIENT_KEY]
+        return ours["iteration"], ours["client_state"]

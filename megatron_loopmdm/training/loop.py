@@ -1,0 +1,540 @@
+"""The pre-training run: set-up from parsed arguments, the training loop, validation, saving.
+
+`pretrain(args)` is what `pretrain_loopmdm.py` calls after parsing; everything else takes
+explicit objects.
+"""
+
+import dataclasses
+import math
+import os
+import signal
+from functools import partial
+from typing import Optional
+
+import megatron_loopmdm.training.checkpointing as ckpt
+from megatron_loopmdm.data.mock import MockDiffusionDataset
+from megatron_loopmdm.data.sampler import build_data_loader
+from megatron_loopmdm.distributed.parallel import (
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+    set_seed,
+)
+from megatron_loopmdm.models.builder import replace_size, transformer_config
+from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.loop_sampling import draw_num_loops
+from megatron_loopmdm.models.pipeline_layout import resolve_pipeline_layout
+from megatron_loopmdm.models.sizes import ModelSize, get_model_size
+from megatron_loopmdm.training.flops import flops_per_token
+from megatron_loopmdm.training.logging import TrainingLogger, print_rank_last
+from megatron_loopmdm.training.setup import (
+    build_model_chunks,
+    build_optimizer,
+    default_optimizer_config,
+    wrap_with_ddp,
+)
+from megatron_loopmdm.training.step import (
+    DiffusionConfig,
+    count_loss_tokens,
+    make_forward_step,
+    train_step,
+)
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+EVAL_T_GRID = 8  # midpoints of 8 equal slices of t in (0, 1): a fixed quadrature of the NELBO
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite steps); the message says why."""
+
+
+def model_size_from_args(args) -> ModelSize:
+    """The named size with command-line overrides applied."""
+    base = get_model_size(args.model_size) if args.model_size else get_model_size("debug")
+    changes = {
+        name: getattr(args, name)
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "seq_length",
+            "normalization",
+            "swiglu",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.loop_layers is not None:
+        changes["loop_layers"] = tuple(args.loop_layers)
+    if args.max_loops is not None:
+        changes["max_loops"] = args.max_loops
+    if "hidden_size" in changes and "ffn_hidden_size" not in changes:
+        changes["ffn_hidden_size"] = 4 * changes["hidden_size"]
+    return replace_size(base, **changes)
+
+
+def _vocab_and_tokenizer(args):
+    if args.mock_data:
+        mask_token_id = args.vocab_size - 1 if args.mask_token_id is None else args.mask_token_id
+        return None, args.vocab_size, mask_token_id
+    from megatron_loopmdm.data import build_tokenizer
+
+    tokenizer = build_tokenizer(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
+    )
+    mask_token_id = tokenizer.mask if args.mask_token_id is None else args.mask_token_id
+    return tokenizer, tokenizer.vocab_size, mask_token_id
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """The vocabulary padded to a multiple of `divisible_by`, and of the TP size.
+
+    Megatron-LM pads to a multiple of `divisible_by x tensor_parallel`, so the model (and its
+    loss curve and checkpoints) change with the TP size. Padding to a multiple of
+    `divisible_by` that TP also divides keeps one padded size across layouts whenever possible.
+    """
+    padded = math.ceil(vocab_size / divisible_by) * divisible_by
+    if padded % tensor_parallel:
+        multiple = divisible_by * tensor_parallel
+        padded = math.ceil(vocab_size / multiple) * multiple
+    return int(padded)
+
+
+def _datasets(args, tokenizer, seq_length, vocab_size):
+    num_train = args.train_iters * args.global_batch_size
+    num_valid = 0
+    if args.eval_interval:
+        evals = args.train_iters // args.eval_interval + 1
+        num_valid = evals * args.eval_iters * args.global_batch_size
+    if args.mock_data:
+        train = MockDiffusionDataset(num_train, seq_length, vocab_size, args.seed)
+        valid = MockDiffusionDataset(max(num_valid, 1), seq_length, vocab_size, args.seed + 1)
+        return train, valid
+    from megatron_loopmdm.data import DataConfig, build_train_valid_test_datasets
+
+    data_config = DataConfig(
+        seq_length=seq_length,
+        data_path=args.data_path,
+        split=args.split,
+        train_data_path=args.train_data_path,
+        valid_data_path=args.valid_data_path,
+        test_data_path=args.test_data_path,
+        seed=args.seed,
+        path_to_cache=args.data_cache_path,
+        per_document_attention=args.per_document_attention,
+    )
+    train, valid, _ = build_train_valid_test_datasets(
+        data_config, tokenizer, [num_train, num_valid or None, None]
+    )
+    return train, valid
+
+
+class Run:
+    """Everything one pre-training run holds."""
+
+    def __init__(self, args):
+        self.args = args
+        parallel = ParallelConfig(
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            None,
+            args.sequence_parallel,
+        )
+        size = model_size_from_args(args)
+        self.loop_config = LoopConfig(
+            loop_layers=size.loop_layers,
+            max_loops=size.max_loops,
+            loop_sampling=args.loop_sampling,
+            input_injection=args.loop_input_injection,
+            loop_embedding=args.loop_embedding,
+            backprop_depth=args.loop_backprop_depth,
+        )
+        if args.num_layers_per_virtual_pipeline_stage:
+            per_rank = size.num_layers // args.pipeline_model_parallel_size
+            parallel.virtual_pipeline_model_parallel_size = (
+                per_rank // args.num_layers_per_virtual_pipeline_stage
+            )
+        self.device = initialize_distributed(parallel, args.device)
+        set_seed(args.seed)
+        self.tokenizer, vocab, mask_token_id = _vocab_and_tokenizer(args)
+        self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        num_stages = args.pipeline_model_parallel_size * (
+            parallel.virtual_pipeline_model_parallel_size or 1
+        )
+        layout = resolve_pipeline_layout(
+            args.pipeline_model_parallel_layout, size.num_layers, num_stages, self.loop_config
+        )
+        recompute = {}
+        if args.recompute_granularity == "full":
+            recompute = dict(
+                recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+            )
+        elif args.recompute_granularity == "selective":
+            recompute = dict(recompute_granularity="selective")
+        self.config = transformer_config(
+            size,
+            parallel,
+            params_dtype=self.dtype,
+            calculate_per_token_loss=True,
+            hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout,
+            num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+            num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+            pipeline_model_parallel_layout=layout,
+            **recompute,
+        )
+        self.size = size
+        self.model_config = LoopMDMModelConfig(
+            vocab_size=padded_vocab_size(
+                vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+            ),
+            max_sequence_length=args.max_position_embeddings or size.seq_length,
+            mask_token_id=mask_token_id,
+            position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        )
+        self.chunks = build_model_chunks(
+            self.config,
+            self.loop_config,
+            self.model_config,
+            init_seed=args.seed,
+            device=self.device,
+        )
+        self._build_optimizer(parallel)
+        self.diffusion = DiffusionConfig(
+            mask_token_id=mask_token_id,
+            time_eps=args.time_eps,
+            time_sampling=args.time_sampling,
+            global_batch_size=args.global_batch_size,
+            random_length_prob=args.random_length_prob,
+        )
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
+        self.train_data, self.valid_data = _datasets(args, self.tokenizer, size.seq_length, vocab)
+
+    def _optimizer_config(self):
+        args = self.args
+        return default_optimizer_config(
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            params_dtype=self.dtype,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+
+    def _build_optimizer(self, parallel: ParallelConfig):
+        """megatron DDP + optimizer, or the DeepSpeed engine; then the LR schedule."""
+        args = self.args
+        self.trainer = None
+        if args.deepspeed:
+            from megatron_loopmdm.training import deepspeed_backend as ds
+
+            ds_config = ds.prepare_deepspeed_config(
+                ds.load_deepspeed_config(args.deepspeed_config),
+                parallel,
+                micro_batch_size=args.micro_batch_size,
+                global_batch_size=args.global_batch_size,
+                data_parallel_size=parallel_state.get_data_parallel_world_size(),
+                params_dtype=self.dtype,
+                clip_grad=args.clip_grad,
+            )
+            self.trainer = ds.DeepSpeedTrainer(
+                self.chunks[0],
+                ds_config,
+                ds.AdamWConfig.from_optimizer_config(self._optimizer_config()),
+                parallel,
+            )
+            # The engine trains; evaluation calls the module (ZeRO-3 gathers through its hooks),
+            # whose `config` is the transformer config megatron's schedules look for.
+            self.chunks = [self.trainer.module]
+            self.optimizer = self.trainer.optimizer
+        else:
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=args.overlap_grad_reduce,
+                use_distributed_optimizer=args.use_distributed_optimizer,
+            )
+            self.chunks = wrap_with_ddp(self.config, self.chunks, ddp_config)
+            self.optimizer = build_optimizer(self._optimizer_config(), self.chunks)
+        decay_iters = args.lr_decay_iters or args.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=decay_iters,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=decay_iters,
+            wd_incr_style="constant",
+            wsd_decay_steps=args.lr_wsd_decay_iters,
+            lr_wsd_decay_style=args.lr_wsd_decay_style,
+        )
+
+    def step(self, num_loops: int, micro: list):
+        """One training step on this rank's micro-batches of the global batch."""
+        forward_step = make_forward_step(self.diffusion, self.args.seed, num_loops)
+        if self.trainer is not None:
+            return self.trainer.train_step(
+                forward_step,
+                iter(micro),
+                self.num_microbatches,
+                num_tokens_func=partial(
+                    count_loss_tokens, diffusion=self.diffusion, seed=self.args.seed
+                ),
+            )
+        return train_step(
+            forward_step,
+            self.data_iterators(micro),
+            self.chunks,
+            self.optimizer,
+            self.num_microbatches,
+            self.size.seq_length,
+            self.args.micro_batch_size,
+        )
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def micro_batches(self, loader_iter) -> list:
+        """This rank's micro-batches of the next global batch, on the run's device."""
+        return [
+            {k: v.to(self.device) for k, v in next(loader_iter).items()}
+            for _ in range(self.num_microbatches)
+        ]
+
+    def data_iterators(self, micro: list):
+        """One iterator per model chunk over the same micro-batches (every stage reads them)."""
+        if len(self.chunks) == 1:
+            return iter(micro)
+        return [iter(micro) for _ in self.chunks]
+
+    def loader(self, dataset, consumed_samples: int):
+        return iter(
+            build_data_loader(
+                dataset,
+                consumed_samples,
+                self.args.micro_batch_size,
+                parallel_state.get_data_parallel_rank(),
+                self.dp_size,
+            )
+        )
+
+    def flops(self, num_loops: int, tokens: int) -> float:
+        return (
+            flops_per_token(
+                self.config,
+                self.loop_config,
+                self.model_config.vocab_size,
+                self.size.seq_length,
+                num_loops,
+            )
+            * tokens
+        )
+
+    def extra_state(self, iteration: int, skipped: int) -> dict:
+        return {
+            "args": vars(self.args),
+            "consumed_samples": iteration * self.args.global_batch_size,
+            "scheduler": self.scheduler.state_dict(),
+            "skipped_iterations": skipped,
+            "loop_config": dataclasses.asdict(self.loop_config),
+            "model_config": dataclasses.asdict(self.model_config),
+            "model_size": dataclasses.asdict(self.size),
+        }
+
+    def save(self, iteration: int, skipped: int) -> None:
+        extra = self.extra_state(iteration, skipped)
+        if self.trainer is not None:
+            self.trainer.save_checkpoint(self.args.save, iteration, client_state=extra)
+            directory = f"{self.args.save}/iter_{iteration:07d} (DeepSpeed format)"
+        else:
+            directory = ckpt.save_checkpoint(
+                self.args.save, iteration, self.chunks, self.optimizer, extra
+            )
+        print_rank_last(f" saved checkpoint at iteration {iteration} to {directory}")
+
+    def _load_deepspeed(self) -> tuple[int, int]:
+        args = self.args
+        if args.finetune or args.no_load_optim:
+            raise ValueError(
+                "--finetune/--no-load-optim are not supported with --deepspeed checkpoints yet; "
+                "resume the full state, or use the megatron backend."
+            )
+        iteration, extra = self.trainer.load_checkpoint(args.load)
+        if "scheduler" in extra:
+            self.scheduler.load_state_dict(extra["scheduler"])
+        print_rank_last(f" resumed from {args.load} at iteration {iteration}")
+        return iteration, extra.get("skipped_iterations", 0)
+
+    def load(self) -> tuple[int, int]:
+        """Loads `--load`; returns (iteration, skipped iterations) to continue from."""
+        args = self.args
+        if self.trainer is not None:
+            if args.load == args.save and not os.path.isfile(os.path.join(args.load, "latest")):
+                return 0, 0
+            return self._load_deepspeed()
+        if ckpt.latest_iteration(args.load) is None:
+            if args.load == args.save:
+                return 0, 0  # a fresh run that will save where it would resume from
+            raise FileNotFoundError(
+                f"--load {args.load}: no checkpoint there ({ckpt.LATEST_FILE} is missing)."
+            )
+        weights_only = args.finetune or args.no_load_optim
+        iteration, extra = ckpt.load_checkpoint(
+            args.load, self.chunks, None if weights_only else self.optimizer
+        )
+        saved = extra.get("model_config", {})
+        if saved and saved.get("vocab_size") != self.model_config.vocab_size:
+            raise ValueError(
+                f"The checkpoint's vocabulary ({saved.get('vocab_size')}) differs from this "
+                f"run's ({self.model_config.vocab_size}); use the tokenizer it was trained with."
+            )
+        if args.finetune:
+            print_rank_last(
+                f" loaded weights from {args.load} (iteration {iteration}) for "
+                "fine-tuning; starting at iteration 0"
+            )
+            return 0, 0
+        if not weights_only and "scheduler" in extra:
+            self.scheduler.load_state_dict(extra["scheduler"])
+        print_rank_last(f" resumed from {args.load} at iteration {iteration}")
+        return iteration, extra.get("skipped_iterations", 0)
+
+    def evaluate(self, loader_iter, num_loops: int) -> Optional[float]:
+        """Validation NELBO per token on a fixed t-grid (midpoint rule), comparable across runs."""
+        batches = [self.micro_batches(loader_iter) for _ in range(self.args.eval_iters)]
+        totals = torch.zeros(2)
+        for k in range(EVAL_T_GRID):
+            forward_step = make_forward_step(
+                self.diffusion,
+                self.args.seed,
+                num_loops,
+                fixed_t=(k + 0.5) / EVAL_T_GRID,
+                stream=k + 1,
+            )
+            for micro in batches:
+                reports = get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=self.data_iterators(micro),
+                    model=self.chunks,
+                    num_microbatches=self.num_microbatches,
+                    seq_length=self.size.seq_length,
+                    micro_batch_size=self.args.micro_batch_size,
+                    forward_only=True,
+                )
+                if reports:
+                    totals += torch.stack([r["nelbo"].cpu() for r in reports]).sum(0)
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        torch.distributed.all_reduce(
+            totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        return (totals[0] / totals[1]).item()
+
+
+def _any_rank_stopping(signum) -> bool:
+    """Whether any rank got SIGTERM: all ranks then stop at the same iteration (no hang)."""
+    flag = torch.tensor([0.0 if signum is None else 1.0])
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(run: Run) -> None:
+    """The training loop, from a fresh start or a resumed checkpoint."""
+    args = run.args
+    iteration, skipped = run.load() if args.load else (0, 0)
+    consecutive_skipped = 0
+    logger = TrainingLogger(
+        args.train_iters,
+        args.log_interval,
+        torch.distributed.get_world_size(),
+        args.tensorboard_dir,
+        args.wandb_project,
+        args.metrics_file,
+    )
+    if iteration >= args.train_iters:
+        print_rank_last(
+            f" the checkpoint is at iteration {iteration}, already at --train-iters "
+            f"{args.train_iters}: nothing to train. Raise --train-iters to continue."
+        )
+        logger.close()
+        return
+    train_iter = run.loader(run.train_data, iteration * args.global_batch_size)
+    valid_iter = run.loader(run.valid_data, 0) if args.eval_interval else None
+    eval_loops = args.eval_num_loops or run.loop_config.max_loops
+    tokens_per_step = args.global_batch_size * run.size.seq_length
+    stop = {"signal": None}
+
+    def _on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    while iteration < args.train_iters and not _any_rank_stopping(stop["signal"]):
+        num_loops = draw_num_loops(run.loop_config, args.seed, iteration)
+        for chunk in run.chunks:
+            chunk.train()
+        result = run.step(num_loops, run.micro_batches(train_iter))
+        iteration += 1
+        if result.update_successful:
+            run.scheduler.step(increment=1)
+            consecutive_skipped = 0
+        else:
+            skipped += 1
+            consecutive_skipped += 1
+        logger.record(
+            iteration,
+            result,
+            num_loops,
+            tokens_per_step,
+            run.flops(num_loops, tokens_per_step),
+            run.learning_rate,
+        )
+        logger.maybe_log(iteration, run.learning_rate, args.global_batch_size)
+        if consecutive_skipped >= args.max_skipped_iterations:
+            logger.close()
+            raise TrainingError(
+                f"{consecutive_skipped} consecutive iterations had a non-finite loss or "
+                f"gradients (last at iteration {iteration}); stopping. Lower --lr, raise "
+                "--lr-warmup-iters or check the data, then resume from the last checkpoint."
+            )
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            for chunk in run.chunks:
+                chunk.eval()
+            with torch.no_grad():
+                nelbo = run.evaluate(valid_iter, eval_loops)
+            if nelbo is not None:
+                logger.log_validation(iteration, nelbo, eval_loops)
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            run.save(iteration, skipped)
+    stopped = iteration < args.train_iters
+    if args.save and (stopped or not args.save_interval or iteration % args.save_interval):
+        run.save(iteration, skipped)
+    logger.close()
+    if stopped:
+        print_rank_last(f" stopped by SIGTERM at iteration {iteration}")
+
+
+def pretrain(args) -> None:
+    """Builds the run from parsed arguments and trains it."""
+    run = Run(args)
+    try:
+        train(run)
+    finally:
+        destroy_distributed()

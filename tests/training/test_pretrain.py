@@ -1,0 +1,345 @@
+"""pretrain_loopmdm.py end to end: real torchrun processes on CPU with gloo."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.utils import REPO, free_port, run_torchrun
+
+SCRIPT = REPO / "pretrain_loopmdm.py"
+VOCAB = 64
+BASE = [
+    "--model-size", "debug", "--mock-data", "--vocab-size", VOCAB, "--micro-batch-size", 4,
+    "--global-batch-size", 8, "--lr", 1e-2, "--lr-decay-style", "constant", "--log-interval", 1,
+]  # fmt: skip
+LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* loss: (\S+) \|.* loops: ([\d,]+) \|")
+
+
+def pretrain(nproc, *args, timeout=300):
+    result = run_torchrun(SCRIPT, nproc, [str(a) for a in (*BASE, *args)], timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_debug_run_learns_and_logs_to_stdout_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = pretrain(
+        2, "--train-iters", 50, "--global-batch-size", 16, "--micro-batch-size", 8,
+        "--time-sampling", "antithetic", "--lr-warmup-iters", 5, "--log-interval", 5,
+        "--eval-interval", 25, "--eval-iters", 2, "--tensorboard-dir", tmp_path / "tb",
+        "--metrics-file", tmp_path / "m.jsonl",
+    )  # fmt: skip
+    lines = LINE.findall(result.stdout)
+    assert [int(i) for i, _, _ in lines] == list(range(5, 51, 5))
+    for field in ("learning rate:", "grad norm:", "tokens/s:", "TFLOP/s/device:", "ETA:"):
+        assert field in result.stdout
+    losses = [m["loss"] for m in metrics(tmp_path / "m.jsonl")]
+    assert len(losses) == 50
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.3, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    validation = [
+        float(v) for v in re.findall(r"validation at iteration \d+ .* nelbo: (\S+)", result.stdout)
+    ]
+    assert len(validation) == 2
+    assert validation[-1] < math.log(VOCAB - 1), "the model must beat the unigram entropy"
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "lm-loss",
+        "learning-rate",
+        "grad-norm",
+        "num-loops",
+        "tokens-per-sec",
+        "tflops-per-device",
+        "validation-loss",
+    ):
+        assert tag in tags, tag
+    assert any(tag.startswith("lm-loss-by-t/") for tag in tags)
+    assert [e.step for e in events.Scalars("lm-loss")] == list(range(5, 51, 5))
+
+
+@pytest.fixture(scope="module")
+def single_process_curve(tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "m.jsonl"
+    pretrain(1, "--train-iters", 6, "--metrics-file", path)
+    return metrics(path)
+
+
+@pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", 2],
+    ["--pipeline-model-parallel-size", 2],
+    ["--use-distributed-optimizer"],  # DP=2
+])  # fmt: skip
+def test_parallel_layouts_reproduce_the_single_process_curve(
+    tmp_path, single_process_curve, layout
+):
+    pretrain(2, "--train-iters", 6, "--metrics-file", tmp_path / "m.jsonl", *layout)
+    curve = metrics(tmp_path / "m.jsonl")
+    assert [m["num_loops"] for m in curve] == [m["num_loops"] for m in single_process_curve]
+    for got, want in zip(curve, single_process_curve):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+
+
+def _launch(args, log):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(SCRIPT),
+        *map(str, (*BASE, *args)),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+def _kill_all(process):
+    """SIGKILL torchrun and every worker (torchrun starts its workers in their own sessions)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+
+
+def _wait_for(predicate, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return predicate()
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
+    common = ["--use-distributed-optimizer", "--train-iters", 8]
+    pretrain(2, *common, "--metrics-file", tmp_path / "full.jsonl")
+    ckpt = tmp_path / "ckpt"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = _launch(
+            [
+                *common,
+                "--save",
+                ckpt,
+                "--save-interval",
+                4,
+                "--metrics-file",
+                tmp_path / "killed.jsonl",
+            ],
+            log,
+        )
+        seen = _wait_for(
+            lambda: (
+                (tmp_path / "killed.jsonl").exists()
+                and len(metrics(tmp_path / "killed.jsonl")) >= 5
+            ),
+            process,
+        )
+        _kill_all(process)
+    assert seen, (tmp_path / "killed.log").read_text()[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    pretrain(
+        2, *common, "--load", ckpt, "--save", ckpt, "--metrics-file", tmp_path / "resumed.jsonl"
+    )
+    full, resumed = metrics(tmp_path / "full.jsonl"), metrics(tmp_path / "resumed.jsonl")
+    assert [m["iteration"] for m in resumed] == [5, 6, 7, 8]
+    assert resumed == full[4:]  # to the bit: loss, grad norm, loops, learning rate
+
+
+def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path, single_process_curve):
+    ckpt = tmp_path / "ckpt"
+    pretrain(2, "--tensor-model-parallel-size", 2, "--train-iters", 3, "--save", ckpt)
+    pretrain(1, "--train-iters", 6, "--load", ckpt, "--metrics-file", tmp_path / "m.jsonl")
+    resumed = metrics(tmp_path / "m.jsonl")
+    assert [m["iteration"] for m in resumed] == [4, 5, 6]
+    for got, want in zip(resumed, single_process_curve[3:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    pretrain(2, "--train-iters", 2, "--save", ckpt)
+    with open(tmp_path / "log", "w") as log:
+        process = _launch(
+            ["--train-iters", 4, "--load", ckpt, "--save", ckpt, "--save-interval", 4], log
+        )
+        caught = _wait_for(lambda: (ckpt / "iter_0000004.tmp").exists(), process)
+        _kill_all(process)
+    if not caught or (ckpt / "iter_0000004").exists():
+        pytest.skip("the save finished before it could be interrupted")
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    result = pretrain(2, "--train-iters", 3, "--load", ckpt)
+    assert "resumed from" in result.stdout and "at iteration 2" in result.stdout
+
+
+BAD_FLAGS = [
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--bf16", "--fp16"], "Choose one of --bf16 and --fp16"),
+    (["--global-batch-size", 6], "must be a multiple of --micro-batch-size 4"),
+    (["--deepspeed"], "--deepspeed needs --deepspeed-config"),
+    (
+        ["--deepspeed", "--deepspeed-config", "x.json", "--use-distributed-optimizer"],
+        "two ZeRO backends",
+    ),
+    (["--save-interval", 5], "--save-interval needs --save DIR"),
+    (["--finetune"], "--finetune needs --load DIR"),
+    (["--load", "/nonexistent/ckpt"], "no such directory"),
+    (["--lr-decay-style", "WSD"], "needs --lr-wsd-decay-iters"),
+    (["--data-path", "corpus"], "--mock-data replaces --data-path"),
+    (["--tensor-model-parallel-size", 3], "cannot be split"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_rejected_flag_combinations_say_what_to_change(flags, message):
+    cmd = [sys.executable, str(SCRIPT), *map(str, (*BASE, "--train-iters", 1, *flags))]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_layout_that_cuts_the_loop_block_is_refused_with_a_proposal(tmp_path):
+    result = run_torchrun(
+        SCRIPT,
+        2,
+        [
+            str(a)
+            for a in (
+                *BASE,
+                "--train-iters",
+                1,
+                "--pipeline-model-parallel-size",
+                2,
+                "--loop-layers",
+                1,
+                3,
+            )
+        ],
+    )
+    assert result.returncode != 0
+    assert "must lie inside one pipeline stage" in result.stderr
+    assert "--pipeline-model-parallel-layout" in result.stderr
+    # torchrun prints its own traceback for a failed child; ours must print none.
+    assert (
+        "[rank0]: Traceback" not in result.stderr
+        and 'File "/' not in result.stderr.split("pretrain_loopmdm.py: error:")[0]
+    )
+
+
+def test_auto_layout_keeps_the_loop_block_whole(tmp_path):
+    result = pretrain(
+        2,
+        "--train-iters",
+        2,
+        "--pipeline-model-parallel-size",
+        2,
+        "--loop-layers",
+        1,
+        3,
+        "--pipeline-model-parallel-layout",
+        "auto",
+    )
+    assert len(LINE.findall(result.stdout)) == 2
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    result = run_torchrun(
+        SCRIPT,
+        1,
+        [
+            str(a)
+            for a in (
+                *BASE,
+                "--train-iters",
+                30,
+                "--lr",
+                1e12,
+                "--max-skipped-iterations",
+                3,
+                "--metrics-file",
+                tmp_path / "m.jsonl",
+            )
+        ],
+    )
+    assert result.returncode == 1
+    assert "consecutive iterations had a non-finite loss or gradients" in result.stderr
+    assert "Traceback" not in result.stderr
+    skipped = [m["skipped"] for m in metrics(tmp_path / "m.jsonl")]
+    assert skipped[-3:] == [True, True, True] and not skipped[0]
+    assert "number of skipped iterations:   1" in result.stdout
+
+
+@pytest.fixture
+def fp32_deepspeed_config(tmp_path):
+    def write(stage):
+        path = tmp_path / f"zero{stage}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        return path
+
+    return write
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_stages_reproduce_the_single_process_curve(
+    tmp_path, single_process_curve, fp32_deepspeed_config, stage
+):
+    pretrain(
+        2,
+        "--train-iters",
+        6,
+        "--metrics-file",
+        tmp_path / "m.jsonl",
+        "--deepspeed",
+        "--deepspeed-config",
+        fp32_deepspeed_config(stage),
+    )
+    curve = metrics(tmp_path / "m.jsonl")
+    assert [m["num_loops"] for m in curve] == [m["num_loops"] for m in single_process_curve]
+    for got, want in zip(curve, single_process_curve):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+
+
+def test_deepspeed_resume_from_its_own_checkpoint_is_exact(tmp_path, fp32_deepspeed_config):
+    ds = [
+        "--deepspeed",
+        "--deepspeed-config",
+        fp32_deepspeed_config(2),
+        "--lr-warmup-iters",
+        2,
+        "--lr-decay-style",
+        "cosine",
+    ]
+    pretrain(2, *ds, "--train-iters", 5, "--metrics-file", tmp_path / "full.jsonl")
+    ckpt = tmp_path / "ckpt"
+    pretrain(2, *ds, "--train-iters", 3, "--save", ckpt, "--lr-decay-iters", 5)
+    assert (ckpt / "latest").read_text().strip() == "iter_0000003"
+    result = pretrain(
+        2, *ds, "--train-iters", 5, "--load", ckpt, "--metrics-file", tmp_path / "resumed.jsonl"
+    )
+    assert "resumed from" in result.stdout
+    full, resumed = metrics(tmp_path / "full.jsonl"), metrics(tmp_path / "resumed.jsonl")
+    assert resumed == full[3:]
