@@ -55,6 +55,7 @@ def test_cpu_debug_script_trains_saves_and_logs(tmp_path):
         os.environ,
         OUT=str(tmp_path),
         TRAIN_ITERS="4",
+        WARMUP="1",
         MASTER_PORT=str(free_port()),
         OMP_NUM_THREADS="1",
         PYTHON=sys.executable,

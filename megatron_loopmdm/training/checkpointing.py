@@ -98,6 +98,13 @@ def latest_iteration(root) -> Optional[int]:
     return int(text)
 
 
+def read_extra_state(root, iteration: int) -> dict:
+    """The `extra` state of a checkpoint, read without loading any tensor."""
+    return dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, iteration))).get(
+        "extra", {}
+    )
+
+
 def load_checkpoint(
     root, chunks: list, optimizer=None, iteration: Optional[int] = None
 ) -> tuple[int, dict]:

@@ -368,6 +368,45 @@ class Run:
             )
         print_rank_last(f" saved checkpoint at iteration {iteration} to {directory}")
 
+    def check_checkpoint_compatible(self, extra: dict) -> None:
+        """Refuses a checkpoint whose architecture differs from this run's, naming the fields."""
+        ours = {
+            "model_size": dataclasses.asdict(self.size),
+            "model_config": dataclasses.asdict(self.model_config),
+            "loop_config": dataclasses.asdict(self.loop_config),
+        }
+        # Fields that shape the weights; loop span, S_max and sequence length may change.
+        shaping = {
+            "model_size": (
+                "num_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "ffn_hidden_size",
+                "num_query_groups",
+                "normalization",
+                "swiglu",
+            ),
+            "model_config": (
+                "vocab_size",
+                "position_embedding_type",
+                "share_embeddings_and_output_weights",
+            ),
+            "loop_config": ("input_injection", "loop_embedding"),
+        }
+        differences = [
+            f"{field}: checkpoint {extra[group][field]!r}, this run {ours[group][field]!r}"
+            for group, fields in shaping.items()
+            if group in extra
+            for field in fields
+            if extra[group].get(field) != ours[group][field]
+        ]
+        if differences:
+            raise ValueError(
+                f"--load {self.args.load} holds a different model ({'; '.join(differences)}). "
+                "Pass the flags it was trained with (or its --model-size), and the tokenizer "
+                "it was trained with."
+            )
+
     def _load_deepspeed(self) -> tuple[int, int]:
         args = self.args
         if args.finetune or args.no_load_optim:
@@ -394,16 +433,13 @@ class Run:
             raise FileNotFoundError(
                 f"--load {args.load}: no checkpoint there ({ckpt.LATEST_FILE} is missing)."
             )
+        self.check_checkpoint_compatible(
+            ckpt.read_extra_state(args.load, ckpt.latest_iteration(args.load))
+        )
         weights_only = args.finetune or args.no_load_optim
         iteration, extra = ckpt.load_checkpoint(
             args.load, self.chunks, None if weights_only else self.optimizer
         )
-        saved = extra.get("model_config", {})
-        if saved and saved.get("vocab_size") != self.model_config.vocab_size:
-            raise ValueError(
-                f"The checkpoint's vocabulary ({saved.get('vocab_size')}) differs from this "
-                f"run's ({self.model_config.vocab_size}); use the tokenizer it was trained with."
-            )
         if args.finetune:
             print_rank_last(
                 f" loaded weights from {args.load} (iteration {iteration}) for "

@@ -31,6 +31,15 @@ def metrics(path):
     return [json.loads(line) for line in open(path)]
 
 
+def assert_same_curve(curve, reference, rel=1e-4):
+    """Same loop counts, and losses and grad norms within fp32 tolerance, at every step."""
+    assert len(curve) == len(reference)
+    assert [m["num_loops"] for m in curve] == [m["num_loops"] for m in reference]
+    for got, want in zip(curve, reference):
+        assert got["loss"] == pytest.approx(want["loss"], rel=rel)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=rel)
+
+
 def test_debug_run_learns_and_logs_to_stdout_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -86,11 +95,7 @@ def test_parallel_layouts_reproduce_the_single_process_curve(
     tmp_path, single_process_curve, layout
 ):
     pretrain(2, "--train-iters", 6, "--metrics-file", tmp_path / "m.jsonl", *layout)
-    curve = metrics(tmp_path / "m.jsonl")
-    assert [m["num_loops"] for m in curve] == [m["num_loops"] for m in single_process_curve]
-    for got, want in zip(curve, single_process_curve):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert_same_curve(metrics(tmp_path / "m.jsonl"), single_process_curve)
 
 
 def _launch(args, log):
@@ -316,11 +321,7 @@ def test_deepspeed_zero_stages_reproduce_the_single_process_curve(
         "--deepspeed-config",
         fp32_deepspeed_config(stage),
     )
-    curve = metrics(tmp_path / "m.jsonl")
-    assert [m["num_loops"] for m in curve] == [m["num_loops"] for m in single_process_curve]
-    for got, want in zip(curve, single_process_curve):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert_same_curve(metrics(tmp_path / "m.jsonl"), single_process_curve)
 
 
 def test_deepspeed_resume_from_its_own_checkpoint_is_exact(tmp_path, fp32_deepspeed_config):
@@ -438,3 +439,15 @@ def test_real_data_pipeline_and_finetune(tmp_path):
     assert [m["iteration"] for m in tuned] == [1, 2]
     # Same data and noise as the fresh run's first step, but trained weights: a lower loss.
     assert tuned[0]["loss"] < metrics(tmp_path / "m.jsonl")[0]["loss"]
+
+
+def test_loading_a_checkpoint_of_another_architecture_names_the_differences(tmp_path):
+    pretrain(1, "--train-iters", 1, "--save", tmp_path / "ckpt")
+    result = run_torchrun(SCRIPT, 1, [str(a) for a in (
+        *BASE, "--train-iters", 2, "--load", tmp_path / "ckpt", "--finetune",
+        "--hidden-size", 32, "--loop-embedding")])  # fmt: skip
+    assert result.returncode == 1
+    assert "holds a different model" in result.stderr
+    assert "hidden_size: checkpoint 64, this run 32" in result.stderr
+    assert "loop_embedding: checkpoint False, this run True" in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr

@@ -1,0 +1,304 @@
+"""Conversion between megatron dist checkpoints and Hugging Face directories, in one process.
+
+A checkpoint of any TP/PP layout is loaded into a TP=1/PP=1 `LoopMDMModel` (dist checkpointing
+reshards) inside a one-process gloo group, then renamed by `hf.mapping`. The reverse builds
+the same model from an HF directory and saves a dist checkpoint that any layout loads.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from megatron_loopmdm.distributed.parallel import (
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+)
+from megatron_loopmdm.hf import mapping
+from megatron_loopmdm.hf.configuration_loopmdm import LoopMDMConfig
+from megatron_loopmdm.hf.modeling_loopmdm import LoopMDMForMaskedDiffusion
+from megatron_loopmdm.models.builder import build_model, transformer_config
+from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.loopmdm_model import LoopMDMModel
+from megatron_loopmdm.models.sizes import ModelSize
+from megatron_loopmdm.training import checkpointing as ckpt
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from transformers import GenerationConfig
+
+HF_DIR = Path(__file__).resolve().parent
+MODEL_FILES = ("configuration_loopmdm.py", "modeling_loopmdm.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_loopmdm.LoopMDMConfig",
+    "AutoModel": "modeling_loopmdm.LoopMDMForMaskedDiffusion",
+    "AutoModelForMaskedLM": "modeling_loopmdm.LoopMDMForMaskedDiffusion",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+)
+EXTRA_KEYS = ("model_size", "loop_config", "model_config")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """A checkpoint or directory that cannot be converted; the message says why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A one-process gloo group with megatron's TP=1/PP=1 groups, unless one already exists.
+
+    A group this started is destroyed on exit; an existing one must be TP=1/PP=1.
+    """
+    if torch.distributed.is_initialized():
+        if not parallel_state.model_parallel_is_initialized():
+            raise ConversionError(
+                "torch.distributed is initialised without megatron's process groups: convert "
+                "outside the job, or call initialize_distributed(ParallelConfig()) first."
+            )
+        if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
+            parallel_state.get_pipeline_model_parallel_world_size() != 1
+        ):
+            raise ConversionError(
+                "Conversion runs the whole model in one process: call it outside a "
+                "tensor/pipeline-parallel job (or in one with TP=1 and PP=1)."
+            )
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1"
+    )
+    try:
+        initialize_distributed(ParallelConfig(), "cpu")
+        yield
+    finally:
+        destroy_distributed()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def checkpoint_dtype(extra: dict) -> torch.dtype:
+    """The parameter dtype the run trained in (its `args`)."""
+    args = extra.get("args") or {}
+    if args.get("bf16"):
+        return torch.bfloat16
+    return torch.float16 if args.get("fp16") else torch.float32
+
+
+def read_checkpoint_extra(root, iteration: Optional[int] = None) -> tuple[int, dict]:
+    """The iteration and `extra` state of a LoopMDM checkpoint, without loading weights.
+
+    Raises:
+        FileNotFoundError: no such directory, or no checkpoint in it.
+        ConversionError: an incomplete checkpoint, another format, or another model type.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory.")
+    if iteration is None:
+        if (root / "latest").is_file() and not (root / ckpt.LATEST_FILE).is_file():
+            raise ConversionError(
+                f"{root} holds a DeepSpeed checkpoint; only megatron dist checkpoints convert."
+            )
+        try:
+            iteration = ckpt.latest_iteration(root)
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
+        if iteration is None:
+            raise FileNotFoundError(
+                f"No checkpoint under {root}: {ckpt.LATEST_FILE} is missing (pass the directory "
+                "given to --save, or name one with --iteration)."
+            )
+    directory = ckpt.checkpoint_dir(root, iteration)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"Checkpoint directory {directory} does not exist (an interrupted save leaves "
+            f"{directory.name}.tmp; use an earlier --iteration)."
+        )
+    if not (directory / "metadata.json").is_file():
+        raise ConversionError(
+            f"{directory} is incomplete: metadata.json is missing (an interrupted copy or save)."
+        )
+    try:
+        with warnings.catch_warnings():
+            # It warns that no process group exists: reading the common state needs none.
+            warnings.simplefilter("ignore", UserWarning)
+            common = dist_checkpointing.load_common_state_dict(str(directory))
+    except Exception as e:  # dist checkpointing raises many types for unreadable files
+        raise ConversionError(f"{directory} cannot be read as a dist checkpoint: {e}") from e
+    extra = common.get("extra") or {}
+    missing = [key for key in EXTRA_KEYS if key not in extra]
+    if missing:
+        raise ConversionError(
+            f"{directory} is not a LoopMDM checkpoint: its extra state lacks {', '.join(missing)} "
+            "(was it written by pretrain_loopmdm.py?)."
+        )
+    return iteration, extra
+
+
+def build_megatron_model(extra: dict, params_dtype: torch.dtype = torch.float32) -> LoopMDMModel:
+    """The TP=1/PP=1 LoopMDMModel (local spec) of a checkpoint's `extra` state."""
+    size_fields = dict(extra["model_size"], loop_layers=tuple(extra["model_size"]["loop_layers"]))
+    size = ModelSize(**size_fields)
+    loop_config = LoopConfig(**extra["loop_config"])
+    model_config = LoopMDMModelConfig(**extra["model_config"])
+    config = transformer_config(size, ParallelConfig(), params_dtype=params_dtype)
+    return build_model(config, loop_config, model_config, use_te=False).eval()
+
+
+def load_megatron_state(root, iteration: Optional[int] = None) -> tuple[int, dict, dict]:
+    """(iteration, extra, TP=1/PP=1 state dict of tensors) of a checkpoint of any layout."""
+    iteration, extra = read_checkpoint_extra(root, iteration)
+    with single_process_group():
+        model = build_megatron_model(extra, checkpoint_dtype(extra))
+        ckpt.load_checkpoint(root, [model], optimizer=None, iteration=iteration)
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return iteration, extra, state
+
+
+def hf_model_from_state(config: LoopMDMConfig, hf_state: dict) -> LoopMDMForMaskedDiffusion:
+    model = LoopMDMForMaskedDiffusion(config)
+    model.load_state_dict(hf_state, strict=True)
+    return model.eval()
+
+
+def _tokenizer_source(tokenizer: Optional[str], extra: dict) -> Optional[Path]:
+    if tokenizer:
+        if not Path(tokenizer).is_dir():
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: no such directory.")
+        return Path(tokenizer)
+    saved = (extra.get("args") or {}).get("tokenizer_model")
+    return Path(saved) if saved and Path(saved).is_dir() else None
+
+
+def write_hf_directory(model: LoopMDMForMaskedDiffusion, save_dir, tokenizer_dir=None) -> None:
+    """save_pretrained (sharded safetensors) plus the model code, auto_map and tokenizer."""
+    save_dir = Path(save_dir)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.config.architectures = ["LoopMDMForMaskedDiffusion"]
+    model.save_pretrained(save_dir, max_shard_size="5GB")
+    for name in MODEL_FILES:
+        shutil.copyfile(HF_DIR / name, save_dir / name)
+    # HF's autoregressive generate() does not apply; `diffusion_generate` samples.
+    GenerationConfig(mask_token_id=model.config.mask_token_id).save_pretrained(save_dir)
+    if tokenizer_dir is not None:
+        copied = [n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()]
+        for name in copied:
+            shutil.copyfile(Path(tokenizer_dir) / name, save_dir / name)
+        if not copied:
+            raise ConversionError(f"{tokenizer_dir} holds no tokenizer files ({TOKENIZER_FILES}).")
+
+
+def convert_checkpoint_to_hf(
+    load, save, iteration: Optional[int] = None, dtype: str = "fp32", tokenizer=None
+) -> Path:
+    """Writes the HF directory `save` from the megatron checkpoint under `load`; returns it."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    iteration, extra, state = load_megatron_state(load, iteration)
+    tokenizer_dir = _tokenizer_source(tokenizer, extra)
+    config = mapping.hf_config_from_extra(extra)
+    model = hf_model_from_state(config, mapping.megatron_to_hf(state, config))
+    write_hf_directory(model.to(DTYPES[dtype]), save, tokenizer_dir)
+    return Path(save)
+
+
+def read_hf_config(hf_dir) -> LoopMDMConfig:
+    """The LoopMDM config of an HF directory, with clear errors for anything else."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir}: no such directory.")
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory: no config.json.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != LoopMDMConfig.model_type:
+        raise ConversionError(
+            f"{hf_dir} holds a {model_type!r} model; only {LoopMDMConfig.model_type!r} converts."
+        )
+    return LoopMDMConfig.from_pretrained(hf_dir)
+
+
+def load_hf_model(hf_dir, dtype: Optional[torch.dtype] = None) -> LoopMDMForMaskedDiffusion:
+    """The HF model of a LoopMDM directory (this package's classes; no remote code needed)."""
+    config = read_hf_config(hf_dir)
+    try:
+        model = LoopMDMForMaskedDiffusion.from_pretrained(hf_dir, config=config, dtype=dtype)
+    except OSError as e:
+        raise ConversionError(f"{hf_dir}: the weights cannot be read: {e}") from e
+    return model.eval()
+
+
+def convert_hf_to_checkpoint(load, save, iteration: int = 0) -> Path:
+    """Writes a megatron dist checkpoint at `iteration` under `save` from the HF directory
+    `load`; any TP/PP layout loads it (`pretrain_loopmdm.py --load SAVE --finetune`)."""
+    hf_model = load_hf_model(load)
+    config = hf_model.config
+    extra = mapping.extra_from_hf_config(config)
+    dtype = next(hf_model.parameters()).dtype
+    tokenizer = any((Path(load) / n).is_file() for n in TOKENIZER_FILES)
+    extra["args"] = {
+        "converted_from": str(Path(load).resolve()),
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "tokenizer_type": "HuggingFaceTokenizer" if tokenizer else None,
+        "tokenizer_model": str(Path(load).resolve()) if tokenizer else None,
+        "mask_token_id": config.mask_token_id,
+    }
+    tensors = mapping.hf_to_megatron(hf_model.state_dict(), config)
+    with single_process_group():
+        model = build_megatron_model(extra, dtype)
+        state = model.state_dict()
+        unknown = [k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in tensors]
+        assert not unknown, f"no HF weight maps to {unknown}"
+        state.update(tensors)
+        model.load_state_dict(state, strict=True)
+        directory = ckpt.save_checkpoint(save, iteration, [model], optimizer=None, extra=extra)
+    return directory
+
+
+def load_for_inference(
+    path,
+    device: str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    iteration: Optional[int] = None,
+) -> LoopMDMForMaskedDiffusion:
+    """See `megatron_loopmdm.hf.load_for_inference`."""
+    if (Path(path) / "config.json").is_file():
+        model = load_hf_model(path, dtype)
+    else:
+        _, extra, state = load_megatron_state(path, iteration)
+        config = mapping.hf_config_from_extra(extra)
+        model = hf_model_from_state(config, mapping.megatron_to_hf(state, config))
+        if dtype is not None:
+            model = model.to(dtype)
+    return model.to(device).eval()
+
+
+__all__ = [
+    "ConversionError",
+    "convert_checkpoint_to_hf",
+    "convert_hf_to_checkpoint",
+    "load_for_inference",
+    "read_checkpoint_extra",
+]

@@ -1,0 +1,342 @@
+"""Hugging Face model of a LoopMDM, in plain PyTorch: the same maths as the megatron model.
+
+This file is copied into every converted model directory and loaded there with
+`trust_remote_code=True`, so it imports only torch and transformers: no megatron, no
+megatron_loopmdm. It reproduces `megatron_loopmdm.models.LoopMDMModel` at TP=1/PP=1:
+
+    embed_tokens (+ embed_positions) -> layers[:start] -> loop block x S -> layers[end:]
+    -> norm -> lm_head, with the [MASK] logit set to -inf (SUBS)
+
+where loop i (0-based) first re-injects the prelude output (i > 0, `add` or `concat`), then adds
+loop-embedding row min(i, max_loops - 1), then runs layers[start:end].
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+try:  # a relative import inside a model directory, an absolute one inside the package
+    from .configuration_loopmdm import LoopMDMConfig
+except ImportError:  # pragma: no cover
+    from configuration_loopmdm import LoopMDMConfig
+
+
+def _norm(config: LoopMDMConfig) -> nn.Module:
+    if config.normalization == "RMSNorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+def rotary_cos_sin(config: LoopMDMConfig, seq_len: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """Megatron's non-interleaved RoPE tables: cos, sin of [s, head_dim] (fp32 maths)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    )
+    positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # [s, dim]: each frequency serves both halves
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [b, heads, s, hn] rotated by halves: x cos + [-x2, x1] sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LoopMDMAttention(nn.Module):
+    """Bidirectional grouped-query attention; q/k/v are megatron's fused linear_qkv, split."""
+
+    def __init__(self, config: LoopMDMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(h, q_width, bias=False)
+        self.k_proj = nn.Linear(h, kv_width, bias=False)
+        self.v_proj = nn.Linear(h, kv_width, bias=False)
+        self.o_proj = nn.Linear(q_width, h, bias=False)
+
+    def forward(self, x: Tensor, rotary: Optional[tuple], attn_mask: Optional[Tensor]) -> Tensor:
+        """x [b, s, h]; attn_mask [b, 1, 1, s] bool, True = attended."""
+        b, s, _ = x.shape
+        # [b, s, heads * hn] -> [b, heads, s, hn]
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        # [b, heads, s, hn] -> [b, s, heads * hn]
+        return self.o_proj(context.transpose(1, 2).reshape(b, s, -1))
+
+
+class LoopMDMMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) when gated (SwiGLU), else down(act(up(x)))."""
+
+    def __init__(self, config: LoopMDMConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        if config.gated_linear_unit:
+            self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+        self.act = F.silu if config.hidden_act == "silu" else F.gelu
+
+    def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "gate_proj"):
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class LoopMDMLayer(nn.Module):
+    """A pre-norm transformer layer."""
+
+    def __init__(self, config: LoopMDMConfig):
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attn = LoopMDMAttention(config)
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = LoopMDMMLP(config)
+
+    def forward(self, x: Tensor, rotary: Optional[tuple], attn_mask: Optional[Tensor]) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LoopMDMTransformer(nn.Module):
+    """Embeddings, prelude, loop block, coda and final norm: [b, s] ids -> [b, s, h]."""
+
+    def __init__(self, config: LoopMDMConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        if config.position_embedding_type == "learned_absolute":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, h)
+        self.layers = nn.ModuleList(LoopMDMLayer(config) for _ in range(config.num_hidden_layers))
+        if config.loop_input_injection == "concat":
+            self.input_injection = nn.Linear(2 * h, h, bias=False)
+        if config.loop_embedding:
+            self.loop_embedding = nn.Embedding(config.max_loops, h)
+        self.norm = _norm(config)
+
+    def _inject(self, h: Tensor, e: Tensor) -> Tensor:
+        if self.config.loop_input_injection == "add":
+            return h + e
+        return self.input_injection(torch.cat([h, e], dim=-1))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor],
+        position_ids: Optional[Tensor],
+        num_loops: int,
+        all_hidden_states: Optional[list] = None,
+    ) -> Tensor:
+        config = self.config
+        x = self.embed_tokens(input_ids)
+        if hasattr(self, "embed_positions"):
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.size(1), device=input_ids.device)
+            x = x + self.embed_positions(position_ids)
+        rotary = None
+        if config.position_embedding_type == "rope":
+            rotary = rotary_cos_sin(config, input_ids.size(1), x.device, x.dtype)
+        attn_mask = None
+        if attention_mask is not None:
+            attn_mask = attention_mask.bool()[:, None, None, :]  # [b, s] -> [b, 1, 1, s]
+
+        def run(layers, x):
+            for layer in layers:
+                x = layer(x, rotary, attn_mask)
+                if all_hidden_states is not None:
+                    all_hidden_states.append(x)
+            return x
+
+        if all_hidden_states is not None:
+            all_hidden_states.append(x)
+        start, end = config.loop_layers
+        x = run(self.layers[:start], x)
+        prelude_output = x
+        for i in range(num_loops):
+            if i > 0 and config.loop_input_injection != "none":
+                x = self._inject(x, prelude_output)
+            if config.loop_embedding:
+                x = x + self.loop_embedding.weight[min(i, config.max_loops - 1)]
+            x = run(self.layers[start:end], x)
+        x = run(self.layers[end:], x)
+        return self.norm(x)
+
+
+class LoopMDMPreTrainedModel(PreTrainedModel):
+    config_class = LoopMDMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LoopMDMLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Fresh weights (training starts in megatron; this serves untrained HF models)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, LoopMDMTransformer):
+            # As in megatron: the loop embedding starts at zero, `concat` as [I, 0].
+            if hasattr(module, "loop_embedding"):
+                nn.init.zeros_(module.loop_embedding.weight)
+            if hasattr(module, "input_injection"):
+                h = module.config.hidden_size
+                module.input_injection.weight.zero_()
+                module.input_injection.weight[:, :h].copy_(torch.eye(h))
+
+
+class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
+    """A LoopMDM with its output layer: [b, s] token ids -> [b, s, vocab] logits.
+
+    The [MASK] logit is -inf. `num_loops` (default `config.max_loops`) may be any S >= 1.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LoopMDMConfig):
+        super().__init__(config)
+        self.model = LoopMDMTransformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        num_loops: Optional[int] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        """Logits of the clean tokens at every position.
+
+        Args:
+            input_ids: [b, s] int64, masked positions holding `config.mask_token_id`.
+            attention_mask: optional [b, s], 1 (True) = a real token, 0 = padding (not attended).
+            position_ids: optional [b, s] int64 for learned absolute positions (default 0..s-1).
+            num_loops: loop count S >= 1; default `config.max_loops`.
+            output_hidden_states: also return the embedding output and every executed layer's
+                output ([b, s, h] each; the loop block's layers appear once per loop).
+            return_dict: return a `MaskedLMOutput` (default) or a tuple.
+
+        Returns:
+            `MaskedLMOutput` with `logits` [b, s, vocab] in the model's dtype, [MASK] = -inf.
+        """
+        num_loops = self.config.max_loops if num_loops is None else int(num_loops)
+        if num_loops < 1:
+            raise ValueError(f"num_loops={num_loops}: run the loop block at least once.")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        hidden = [] if output_hidden_states else None
+        x = self.model(input_ids, attention_mask, position_ids, num_loops, hidden)
+        logits = self.lm_head(x)
+        mask_id = torch.tensor([self.config.mask_token_id], device=logits.device)
+        logits = logits.index_fill(-1, mask_id, float("-inf"))
+        hidden_states = tuple(hidden) if hidden is not None else None
+        if not return_dict:
+            return (logits,) if hidden_states is None else (logits, hidden_states)
+        return MaskedLMOutput(logits=logits, hidden_states=hidden_states)
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: Tensor,
+        gen_length: int,
+        steps: int,
+        block_length: Optional[int] = None,
+        num_loops: Optional[int] = None,
+        temperature: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """LLaDA-style sampling: semi-autoregressive blocks, low-confidence remasking.
+
+        The answer starts as `gen_length` [MASK] tokens after the prompt and is filled block by
+        block (left to right); within a block each of its `steps / num_blocks` steps unmasks the
+        most confident predictions, an equal share of the block's tokens per step.
+
+        Args:
+            input_ids: [b, p] int64 prompts (equal lengths, no padding).
+            gen_length: tokens to generate.
+            steps: denoising steps in all; a multiple of the number of blocks.
+            block_length: tokens per block (default: one block of gen_length); divides
+                gen_length.
+            num_loops: loop count S for every forward pass (default config.max_loops).
+            temperature: 0 picks the argmax; > 0 samples with Gumbel noise (in float64).
+            generator: the random generator of the Gumbel noise.
+
+        Returns:
+            [b, p + gen_length] int64: the prompt followed by the generated tokens.
+        """
+        block_length = block_length or gen_length
+        if gen_length % block_length:
+            raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}.")
+        num_blocks = gen_length // block_length
+        if steps % num_blocks:
+            raise ValueError(f"steps={steps} must be a multiple of the {num_blocks} blocks.")
+        steps_per_block = steps // num_blocks
+        mask_id = self.config.mask_token_id
+        b, p = input_ids.shape
+        x = torch.full((b, p + gen_length), mask_id, dtype=torch.long, device=input_ids.device)
+        x[:, :p] = input_ids
+        for block in range(num_blocks):
+            start, end = p + block * block_length, p + (block + 1) * block_length
+            per_step = _tokens_per_step((x[:, start:end] == mask_id).sum(-1), steps_per_block)
+            for step in range(steps_per_block):
+                masked = x == mask_id
+                logits = self(x, num_loops=num_loops).logits.double()
+                if temperature > 0:
+                    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
+                    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300).to(logits.device)))
+                    prediction = (logits / temperature + gumbel).argmax(-1)
+                else:
+                    prediction = logits.argmax(-1)
+                probs = logits.softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)
+                confidence = torch.where(masked, probs, -math.inf)
+                confidence[:, end:] = -math.inf  # later blocks wait their turn
+                for row in range(b):
+                    k = int(per_step[row, step])
+                    if k:
+                        chosen = confidence[row].topk(k).indices
+                        x[row, chosen] = prediction[row, chosen]
+        return x
+
+
+def _tokens_per_step(num_masked: Tensor, steps: int) -> Tensor:
+    """[b] masked counts -> [b, steps] tokens to unmask per step, the remainder spread first."""
+    base = num_masked[:, None] // steps
+    extra = torch.arange(steps, device=num_masked.device)[None] < (num_masked % steps)[:, None]
+    return base + extra.long()
