@@ -16,11 +16,12 @@ test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 quickstart: install
-	@echo "make quickstart: not built yet (the embedded-default pipeline is issue 'quickstart')."
-	@exit 1
+	$(PY) tools/quickstart.py --workdir runs/quickstart
 
 bench: install
 	$(PY) bench/loop_overhead.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/preprocess_throughput.py
 
 lint: install
 	$(PY) -m ruff check megatron_loopmdm tests bench tools pretrain_loopmdm.py

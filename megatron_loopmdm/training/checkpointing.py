@@ -9,6 +9,7 @@ A save writes into `iter_XXXXXXX.tmp` and renames it when every rank has finishe
 replaces the `latest` marker, so a crash during a save never corrupts the last good checkpoint.
 """
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,18 @@ import torch
 from megatron.core import dist_checkpointing
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+class _DropAsyncDeprecation(logging.Filter):
+    # Synchronous saves run through megatron's async machinery, which then warns that its
+    # *async* mode is deprecated; the message is about a feature we do not use.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "async save is deprecated" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
+    _DropAsyncDeprecation()
+)
 OPTIMIZER_SHARDING = "fully_reshardable"  # megatron's default fails on torch Adam (flattened_range)
 
 

@@ -513,7 +513,6 @@ def train(run: Run) -> None:
         logger.close()
         return
     train_iter = run.loader(run.train_data, iteration * args.global_batch_size)
-    valid_iter = run.loader(run.valid_data, 0) if args.eval_interval else None
     eval_loops = args.eval_num_loops or run.loop_config.max_loops
     tokens_per_step = args.global_batch_size * run.size.seq_length
     stop = {"signal": None}
@@ -554,7 +553,8 @@ def train(run: Run) -> None:
             for chunk in run.chunks:
                 chunk.eval()
             with torch.no_grad():
-                nelbo = run.evaluate(valid_iter, eval_loops)
+                # The same validation batches every time: evaluations compare across iterations.
+                nelbo = run.evaluate(run.loader(run.valid_data, 0), eval_loops)
             if nelbo is not None:
                 logger.log_validation(iteration, nelbo, eval_loops)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
