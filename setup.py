@@ -18,10 +18,13 @@ setup(
         "datasets>=2.19",
         "safetensors",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         # Input formats and tokenizers of tools/preprocess_data.py beyond JSON lines + HF.
         "data": ["sentencepiece", "tiktoken", "zstandard", "pyarrow"],
+        # lm-evaluation-harness, for `tools/evaluate.py lm-eval` and `lm_eval --model loopmdm`.
+        "eval": ["lm_eval"],
         "test": ["pytest>=8", "ruff", "psutil", "sentencepiece", "tiktoken", "zstandard", "pyarrow"],
     },
 )

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     # corpus docs, vocab, iterations, eval samples
-    "default": dict(docs=30000, vocab=2048, iters=600, eval_samples=32, log=50),
+    "default": dict(docs=30000, vocab=2048, iters=1000, eval_samples=32, log=50),
     "small": dict(docs=1500, vocab=512, iters=20, eval_samples=4, log=5),
 }
 MAX_LOOPS = 3
@@ -143,7 +143,7 @@ def main() -> None:
     ], logs / "7a.log")  # fmt: skip
     stage(7, "sampling, adaptive loops", [
         py, "tools/generate.py", "--load", hf, *prompts, *sampling, "--adaptive-loops",
-        "--loop-threshold", 0.05, "--min-loops", 1, "--max-loops", 2 * MAX_LOOPS,
+        "--loop-threshold", 0.1, "--min-loops", 1, "--max-loops", 2 * MAX_LOOPS,
         "--output", work / "samples_adaptive.jsonl",
     ], logs / "7b.log")  # fmt: skip
 

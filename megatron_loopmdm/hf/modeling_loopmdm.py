@@ -12,6 +12,7 @@ loop-embedding row min(i, max_loops - 1), then runs layers[start:end].
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -143,7 +144,15 @@ class LoopMDMTransformer(nn.Module):
         position_ids: Optional[Tensor],
         num_loops: int,
         all_hidden_states: Optional[list] = None,
-    ) -> Tensor:
+        loop_threshold: Optional[float] = None,
+        min_loops: int = 1,
+    ) -> tuple[Tensor, int]:
+        """[b, s] ids -> ([b, s, h] final-norm output, loops run).
+
+        With `loop_threshold`, looping stops early (after at least `min_loops`, at most
+        `num_loops`) once every sample's relative change of the loop block's output,
+        ||x_i - x_{i-1}|| / ||x_{i-1}|| over its attended positions, falls below the threshold.
+        """
         config = self.config
         x = self.embed_tokens(input_ids)
         if hasattr(self, "embed_positions"):
@@ -169,14 +178,36 @@ class LoopMDMTransformer(nn.Module):
         start, end = config.loop_layers
         x = run(self.layers[:start], x)
         prelude_output = x
+        loops_run = 0
         for i in range(num_loops):
+            previous = x
             if i > 0 and config.loop_input_injection != "none":
                 x = self._inject(x, prelude_output)
             if config.loop_embedding:
                 x = x + self.loop_embedding.weight[min(i, config.max_loops - 1)]
             x = run(self.layers[start:end], x)
+            loops_run = i + 1
+            if loop_threshold is not None and i > 0 and loops_run >= min_loops:
+                if _relative_change(x, previous, attention_mask).max() < loop_threshold:
+                    break
         x = run(self.layers[end:], x)
-        return self.norm(x)
+        return self.norm(x), loops_run
+
+
+def _relative_change(x: Tensor, previous: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """[b] ||x - previous|| / ||previous|| per sample over attended positions (fp32 maths)."""
+    delta = (x.float() - previous.float()).pow(2).sum(-1)  # [b, s]
+    norm = previous.float().pow(2).sum(-1)
+    if attention_mask is not None:
+        delta, norm = delta * attention_mask.float(), norm * attention_mask.float()
+    return (delta.sum(-1) / norm.sum(-1).clamp_min(1e-30)).sqrt()
+
+
+@dataclass
+class LoopMDMOutput(MaskedLMOutput):
+    """`MaskedLMOutput` plus `num_loops`, the loop count actually run (adaptive loops)."""
+
+    num_loops: Optional[int] = None
 
 
 class LoopMDMPreTrainedModel(PreTrainedModel):
@@ -238,6 +269,8 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         num_loops: Optional[int] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        loop_threshold: Optional[float] = None,
+        min_loops: int = 1,
         **kwargs,
     ):
         """Logits of the clean tokens at every position.
@@ -249,10 +282,14 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             num_loops: loop count S >= 1; default `config.max_loops`.
             output_hidden_states: also return the embedding output and every executed layer's
                 output ([b, s, h] each; the loop block's layers appear once per loop).
-            return_dict: return a `MaskedLMOutput` (default) or a tuple.
+            return_dict: return a `LoopMDMOutput` (default) or a tuple.
+            loop_threshold: adaptive loops: stop looping once the relative change of the loop
+                block's output falls below this for every sample (`num_loops` is then the most).
+            min_loops: with `loop_threshold`, loops run before stopping is considered.
 
         Returns:
-            `MaskedLMOutput` with `logits` [b, s, vocab] in the model's dtype, [MASK] = -inf.
+            `LoopMDMOutput` with `logits` [b, s, vocab] in the model's dtype, [MASK] = -inf,
+            and `num_loops`, the loops actually run.
         """
         num_loops = self.config.max_loops if num_loops is None else int(num_loops)
         if num_loops < 1:
@@ -261,15 +298,19 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
+        if loop_threshold is not None and not 1 <= min_loops <= num_loops:
+            raise ValueError(f"min_loops={min_loops} must lie in [1, num_loops={num_loops}].")
         hidden = [] if output_hidden_states else None
-        x = self.model(input_ids, attention_mask, position_ids, num_loops, hidden)
+        x, loops_run = self.model(
+            input_ids, attention_mask, position_ids, num_loops, hidden, loop_threshold, min_loops
+        )
         logits = self.lm_head(x)
         mask_id = torch.tensor([self.config.mask_token_id], device=logits.device)
         logits = logits.index_fill(-1, mask_id, float("-inf"))
         hidden_states = tuple(hidden) if hidden is not None else None
         if not return_dict:
             return (logits,) if hidden_states is None else (logits, hidden_states)
-        return MaskedLMOutput(logits=logits, hidden_states=hidden_states)
+        return LoopMDMOutput(logits=logits, hidden_states=hidden_states, num_loops=loops_run)
 
     @torch.no_grad()
     def diffusion_generate(

@@ -1,0 +1,32 @@
+"""Model FLOPs of inference forward passes, from a Hugging Face LoopMDM config.
+
+The per-layer count is the trainer's (`training.flops.layer_flops_per_token`), so sampler and
+training logs use one formula; the HF config's names are mapped onto the megatron ones it reads.
+"""
+
+from types import SimpleNamespace
+from typing import Optional
+
+from megatron_loopmdm.training.flops import layer_flops_per_token
+
+
+def forward_flops_per_token(config, seq_length: int, num_loops: int) -> Optional[float]:
+    """Forward FLOPs per token of a `LoopMDMConfig` model at loop count S (None if unknown).
+
+    Effective depth: num_hidden_layers + (S - 1) x loop-block layers, plus the output layer.
+    """
+    try:
+        start, end = config.loop_layers
+        sizes = SimpleNamespace(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            num_query_groups=config.num_key_value_heads,
+            kv_channels=config.head_dim,
+            ffn_hidden_size=config.intermediate_size,
+            gated_linear_unit=config.gated_linear_unit,
+        )
+        layers = config.num_hidden_layers + (num_loops - 1) * (end - start)
+        vocab = config.vocab_size
+    except AttributeError:
+        return None
+    return layers * layer_flops_per_token(sizes, seq_length) + 2 * config.hidden_size * vocab

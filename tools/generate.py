@@ -1,0 +1,146 @@
+"""Sample completions from a LoopMDM (Hugging Face directory or megatron checkpoint).
+
+    python tools/generate.py --load hf_model --prompt "Once upon a time" \
+        --gen-length 32 --steps 32 --block-length 8 \
+        [--num-loops S | --adaptive-loops --loop-threshold 0.01 --min-loops 1 --max-loops 8 |
+         --loop-schedule 1,2,4,2] [--temperature 0] [--seed 0] \
+        [--remasking low_confidence|random|ancestral] [--cfg-scale 0] [--suppress-eos] \
+        [--prompts-file prompts.jsonl] [--tokenizer DIR] [--device cpu] [--output out.jsonl]
+
+Prints each completion, then a summary: steps, loops per step, loop evaluations, model FLOPs,
+tokens/s, time. `--prompts-file` is JSON lines with a `prompt` (or `text`) field.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
+from megatron_loopmdm.inference import REMASKINGS, LoopPolicy, SamplerConfig, generate
+
+import torch
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--load", required=True, help="HF directory or megatron --save directory")
+    parser.add_argument("--iteration", type=int, help="megatron checkpoint iteration")
+    parser.add_argument("--tokenizer", help="HF tokenizer directory (default: the --load dir)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="JSON lines with a 'prompt' or 'text' field")
+    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--remasking", choices=REMASKINGS, default="low_confidence")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--cfg-scale", type=float, default=0.0)
+    parser.add_argument("--suppress-eos", action="store_true")
+    loops = parser.add_mutually_exclusive_group()
+    loops.add_argument("--num-loops", type=int, help="fixed S (default the model's S_max)")
+    loops.add_argument("--adaptive-loops", action="store_true")
+    loops.add_argument("--loop-schedule", help="S per part of the steps, e.g. 1,2,4,2")
+    parser.add_argument("--loop-threshold", type=float, default=0.01)
+    parser.add_argument("--min-loops", type=int, default=1)
+    parser.add_argument("--max-loops", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", help="write JSON lines of prompts and completions here")
+    return parser.parse_args(argv)
+
+
+def loop_policy(args) -> LoopPolicy:
+    if args.loop_schedule:
+        return LoopPolicy.parse_schedule(args.loop_schedule)
+    if args.adaptive_loops:
+        return LoopPolicy(
+            threshold=args.loop_threshold, min_loops=args.min_loops, max_loops=args.max_loops
+        )
+    return LoopPolicy(num_loops=args.num_loops)
+
+
+def read_prompts(args) -> list:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    prompts.append(row.get("prompt", row.get("text")))
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE.jsonl.")
+    return prompts
+
+
+def load_tokenizer(args):
+    from megatron_loopmdm.data.tokenizers import HuggingFaceTokenizer
+
+    path = args.tokenizer or args.load
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_MARKERS):
+        raise ValueError(
+            f"{path} holds no tokenizer: pass --tokenizer DIR (a Hugging Face tokenizer "
+            "directory), or convert with tools/convert_checkpoint_to_hf.py --tokenizer DIR."
+        )
+    return HuggingFaceTokenizer(str(path))
+
+
+def completion_text(tokenizer, ids: list) -> str:
+    if tokenizer.eod is not None and tokenizer.eod in ids:
+        ids = ids[: ids.index(tokenizer.eod)]
+    return tokenizer.detokenize(ids)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_loopmdm.hf import load_for_inference
+
+    try:
+        prompts = read_prompts(args)
+        tokenizer = load_tokenizer(args)
+        config = SamplerConfig(
+            gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+            remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale,
+            suppress_eos=args.suppress_eos, eos_token_id=tokenizer.eod, loops=loop_policy(args),
+        )  # fmt: skip
+        model = load_for_inference(args.load, device=args.device, iteration=args.iteration)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    generator = torch.Generator().manual_seed(args.seed)
+    records, results = [], []
+    for first in range(0, len(prompts), args.batch_size):
+        batch = prompts[first : first + args.batch_size]
+        result = generate(
+            model, [tokenizer.tokenize(p) for p in batch], config,
+            pad_token_id=tokenizer.pad if tokenizer.pad is not None else tokenizer.eod,
+            generator=generator,
+        )  # fmt: skip
+        results.append(result)
+        for prompt, ids in zip(batch, result.generated.tolist()):
+            text = completion_text(tokenizer, ids)
+            records.append({"prompt": prompt, "completion": text, "token_ids": ids})
+            print(f"=== prompt: {prompt!r}\n{prompt}{text}\n")
+    loops = [n for r in results for n in r.loops_per_step]
+    seconds = sum(r.seconds for r in results)
+    evaluations = sum(r.loop_evaluations for r in results)
+    flops = sum(r.model_flops or 0.0 for r in results)
+    tokens = len(prompts) * args.gen_length
+    print(f"loops: {config.loops.describe(model.config.max_loops)}")
+    print(f"steps: {args.steps} per batch, {len(results)} batch(es)")
+    print(f"loops per step: {','.join(map(str, loops))}")
+    print(f"loop evaluations: {evaluations} (mean {evaluations / max(len(loops), 1):.2f} per pass)")
+    print(f"model FLOPs: {flops:.4g}")
+    print(f"tokens/s: {tokens / max(seconds, 1e-9):.1f}")
+    print(f"time: {seconds:.2f} s")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
