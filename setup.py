@@ -25,6 +25,15 @@ setup(
         "data": ["sentencepiece", "tiktoken", "zstandard", "pyarrow"],
         # lm-evaluation-harness, for `tools/evaluate.py lm-eval` and `lm_eval --model loopmdm`.
         "eval": ["lm_eval"],
-        "test": ["pytest>=8", "ruff", "psutil", "sentencepiece", "tiktoken", "zstandard", "pyarrow"],
+        "test": [
+            "pytest>=8", "ruff", "psutil", "sentencepiece", "tiktoken", "zstandard", "pyarrow",
+            "lm_eval",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            # lm-eval's command line with the `loopmdm` model registered.
+            "loopmdm-lm-eval=megatron_loopmdm.evaluation.lm_eval_cli:main",
+        ],
     },
 )
