@@ -226,6 +226,8 @@ def generate(
                     model, unconditional, attention_mask, num_loops, config.loops
                 )
                 logits = logits_u + (config.cfg_scale + 1) * (logits - logits_u)
+                # -inf - (-inf) is NaN at [MASK] (SUBS): keep [MASK] impossible after guidance.
+                logits[..., mask_token_id] = -math.inf
                 passes.append(used_u)
             for n in passes:
                 loop_evaluations += n

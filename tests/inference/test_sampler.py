@@ -107,3 +107,37 @@ def test_generate_cli(tmp_path):
         assert key in runs[0].stdout
     assert runs[0].stdout.split("loops:")[0] == runs[1].stdout.split("loops:")[0]
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_eos_suppression_never_emits_eos(untrained):
+    # The first token the model emits, named EOS and suppressed, never appears.
+    free = generate(untrained, [[1, 2]], SamplerConfig(gen_length=16, steps=16))
+    eos = int(free.generated[0, 0])
+    kept = generate(untrained, [[1, 2]], SamplerConfig(gen_length=16, steps=16, eos_token_id=eos,
+                                                       suppress_eos=True))  # fmt: skip
+    assert (free.generated == eos).any()
+    assert not (kept.generated == eos).any()
+    assert (kept.generated != MASK).all()
+
+
+def test_temperature_sampling_with_low_confidence_remasking_is_seeded(untrained):
+    config = SamplerConfig(gen_length=8, steps=4, block_length=4, temperature=0.8)
+
+    def run(seed):
+        return generate(untrained, [[1, 2]], config, generator=torch.Generator().manual_seed(seed))
+
+    first = run(11)
+    assert torch.equal(first.tokens, run(11).tokens)
+    assert (first.generated != MASK).all()
+    greedy = generate(untrained, [[1, 2]], SamplerConfig(gen_length=8, steps=4, block_length=4))
+    assert any(not torch.equal(run(s).tokens, greedy.tokens) for s in range(11, 16))
+
+
+def test_classifier_free_guidance_changes_the_distribution_and_fills_every_mask(untrained):
+    plain = generate(untrained, [[1, 2, 3]], SamplerConfig(gen_length=8, steps=8))
+    guided = generate(untrained, [[1, 2, 3]], SamplerConfig(gen_length=8, steps=8, cfg_scale=3.0))
+    assert (guided.generated != MASK).all()
+    assert guided.tokens[0, :3].tolist() == [1, 2, 3]
+    assert not torch.equal(plain.tokens, guided.tokens)
+    # Guidance costs a second (unconditional) forward per step.
+    assert guided.model_flops > plain.model_flops
