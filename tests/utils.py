@@ -1,5 +1,6 @@
 """Helpers for tests that start real processes."""
 
+import json
 import os
 import socket
 import subprocess
@@ -32,3 +33,10 @@ def run_torchrun(script, nproc: int, args=(), timeout: int = 300) -> subprocess.
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def run_json_worker(script, nproc: int, args, out) -> dict:
+    """Runs a worker script under torchrun that writes its results to `out`; returns them."""
+    result = run_torchrun(script, nproc, [*args, "--out", out])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(open(out).read())

@@ -123,6 +123,18 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank of the job (one all-reduce; the same answer everywhere).
+
+    Lets every rank take the same branch (skip a step, stop the run), so no collective hangs.
+    """
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    if torch.cuda.is_available():
+        tensor = tensor.cuda()
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def destroy_distributed() -> None:
     """Tears down megatron's groups and torch.distributed (for tests and clean exits)."""
     from megatron.core import parallel_state

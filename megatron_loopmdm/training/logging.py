@@ -39,7 +39,6 @@ class IntervalStats:
     tokens: int = 0
     flops: float = 0.0
     skipped: int = 0
-    nan: int = 0
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -105,7 +104,6 @@ class TrainingLogger:
             self.metrics.flush()
         if not result.update_successful:
             stats.skipped += 1
-            stats.nan += 1
         elif result.loss is not None:
             stats.losses.append(result.loss)
         stats.loops.append(num_loops)
@@ -143,7 +141,8 @@ class TrainingLogger:
             f"loss: {loss:.6E} | loops: {','.join(map(str, stats.loops))} | "
             f"grad norm: {grad_norm:.3f} | tokens/s: {tokens_per_s:.1f} | "
             f"TFLOP/s/device: {tflops:.4f} | number of skipped iterations: {stats.skipped:>3d} | "
-            f"number of nan iterations: {stats.nan:>3d} | elapsed: "
+            # Steps are skipped only for non-finite losses or gradients: the two counts agree.
+            f"number of nan iterations: {stats.skipped:>3d} | elapsed: "
             f"{_format_eta(now - self.run_start)} | ETA: {_format_eta(eta)} |"
         )
         print_rank_last(line)

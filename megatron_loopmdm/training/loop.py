@@ -16,6 +16,7 @@ from megatron_loopmdm.data.mock import MockDiffusionDataset
 from megatron_loopmdm.data.sampler import build_data_loader
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
+    any_rank,
     destroy_distributed,
     initialize_distributed,
     set_seed,
@@ -483,15 +484,6 @@ class Run:
         return (totals[0] / totals[1]).item()
 
 
-def _any_rank_stopping(signum) -> bool:
-    """Whether any rank got SIGTERM: all ranks then stop at the same iteration (no hang)."""
-    flag = torch.tensor([0.0 if signum is None else 1.0])
-    if torch.cuda.is_available():
-        flag = flag.cuda()
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def train(run: Run) -> None:
     """The training loop, from a fresh start or a resumed checkpoint."""
     args = run.args
@@ -521,7 +513,7 @@ def train(run: Run) -> None:
         stop["signal"] = signum
 
     signal.signal(signal.SIGTERM, _on_signal)
-    while iteration < args.train_iters and not _any_rank_stopping(stop["signal"]):
+    while iteration < args.train_iters and not any_rank(stop["signal"] is not None):
         num_loops = draw_num_loops(run.loop_config, args.seed, iteration)
         for chunk in run.chunks:
             chunk.train()

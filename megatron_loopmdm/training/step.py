@@ -8,6 +8,7 @@ batch (megatron's per-token loss), so any split into micro-batches and data-para
 gives the same loss and gradients.
 """
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
@@ -20,6 +21,7 @@ from megatron_loopmdm.diffusion.noise import (
     random_lengths,
     sample_times,
 )
+from megatron_loopmdm.distributed.parallel import any_rank
 
 import torch
 from megatron.core import parallel_state
@@ -151,18 +153,14 @@ class StepResult:
 
 def _all_finite(model_chunks: list, loss: Optional[float]) -> bool:
     """Whether the loss and every gradient on every rank are finite (one all-reduce)."""
-    finite = loss is None or torch.isfinite(torch.tensor(loss)).item()
-    for chunk in model_chunks:
-        for param in chunk.parameters():
-            grad = getattr(param, "main_grad", None)
-            if grad is not None and not torch.isfinite(grad).all():
-                finite = False
-                break
-    flag = torch.tensor([1.0 if finite else 0.0])
-    if torch.cuda.is_available():
-        flag = flag.cuda()
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    finite = loss is None or math.isfinite(loss)
+    finite = finite and all(
+        torch.isfinite(param.main_grad).all()
+        for chunk in model_chunks
+        for param in chunk.parameters()
+        if getattr(param, "main_grad", None) is not None
+    )
+    return not any_rank(not finite)
 
 
 def train_step(

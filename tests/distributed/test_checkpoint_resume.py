@@ -5,21 +5,16 @@ three bugs that `megatron_loopmdm.training.optimizer_fixes` works around: withou
 load fails (KeyError 'step'); without fix 3 the resumed losses drift (shared Adam step).
 """
 
-import json
-
 import pytest
 
-from tests.utils import REPO, run_torchrun
+from tests.utils import REPO, run_json_worker
 
 WORKER = REPO / "tests" / "distributed" / "parallel_worker.py"
 STEPS = ["--steps", "4"]
 
 
 def run_worker(tmp_path, name, nproc, *args):
-    out = tmp_path / f"{name}.json"
-    result = run_torchrun(WORKER, nproc, [*STEPS, *args, "--out", out])
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())["steps"]
+    return run_json_worker(WORKER, nproc, [*STEPS, *args], tmp_path / f"{name}.json")["steps"]
 
 
 def test_resume_with_distributed_optimizer_at_dp2_is_bit_identical(tmp_path):

@@ -5,21 +5,16 @@ step, and compares the global per-token loss and the gradient norm of every step
 one-process run of the same configuration.
 """
 
-import json
-
 import pytest
 
-from tests.utils import REPO, run_torchrun
+from tests.utils import REPO, run_json_worker
 
 WORKER = REPO / "tests" / "distributed" / "parallel_worker.py"
 RTOL = 1e-5
 
 
 def run_worker(tmp_path, name, nproc, *args):
-    out = tmp_path / f"{name}.json"
-    result = run_torchrun(WORKER, nproc, [*args, "--out", out])
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_json_worker(WORKER, nproc, args, tmp_path / f"{name}.json")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ with `tests/distributed/parallel_worker.py` on one process (the megatron backend
 weights, data and noise). The refusals are checked in-process.
 """
 
-import json
 import math
 
 from megatron_loopmdm.distributed.parallel import ParallelConfig
@@ -15,7 +14,7 @@ from megatron_loopmdm.training import deepspeed_backend as ds
 import pytest
 import torch
 
-from tests.utils import REPO, run_torchrun
+from tests.utils import REPO, run_json_worker
 
 WORKER = REPO / "tests" / "training" / "deepspeed_worker.py"
 REFERENCE_WORKER = REPO / "tests" / "distributed" / "parallel_worker.py"
@@ -25,10 +24,7 @@ STEPS = 4
 
 
 def run(tmp_path, script, name, nproc, *args):
-    out = tmp_path / f"{name}.json"
-    result = run_torchrun(script, nproc, [*args, "--steps", STEPS, "--out", out])
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_json_worker(script, nproc, [*args, "--steps", STEPS], tmp_path / f"{name}.json")
 
 
 @pytest.fixture(scope="module")
