@@ -39,7 +39,10 @@ def transformer_config(
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        layernorm_epsilon=1e-5,
+        layernorm_epsilon=size.layernorm_epsilon,
+        kv_channels=size.kv_channels,
+        qk_layernorm=size.qk_layernorm,
+        add_qkv_bias=size.add_qkv_bias,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
@@ -77,7 +80,7 @@ def build_model(
 ) -> LoopMDMModel:
     """The LoopMDM stage for this rank, after checking the pipeline layout keeps the loop whole."""
     validate_pipeline_layout(config, loop_config)
-    spec = loopmdm_layer_spec(config.normalization, use_te=use_te)
+    spec = loopmdm_layer_spec(config.normalization, use_te=use_te, qk_layernorm=config.qk_layernorm)
     return LoopMDMModel(
         config,
         loop_config,

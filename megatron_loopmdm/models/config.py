@@ -10,6 +10,8 @@ from typing import Optional
 LOOP_SAMPLINGS = ("uniform", "fixed", "poisson-lognormal")
 INPUT_INJECTIONS = ("none", "add", "concat")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+ROPE_SCALINGS = ("linear", "llama3")
+LLAMA3_ROPE_FIELDS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -109,6 +111,17 @@ class LoopMDMModelConfig:
     share_embeddings_and_output_weights: bool = True
     """Tie the output layer to the input embedding."""
 
+    rope_scaling: Optional[dict] = None
+    """RoPE frequency scaling of a pretrained model, in Hugging Face's form: `{"rope_type":
+    "linear", "factor": f}` (positions divided by f) or `{"rope_type": "llama3", "factor": f,
+    "low_freq_factor": .., "high_freq_factor": .., "original_max_position_embeddings": ..}`.
+    None: plain RoPE."""
+
+    shift_logits: bool = False
+    """Shifted prediction (AR adaptation, as in Dream): position i's logits are the output at
+    position i - 1, so an autoregressive head keeps predicting the next token; position 0 keeps
+    its own output."""
+
     def __post_init__(self):
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             raise ValueError(
@@ -122,3 +135,19 @@ class LoopMDMModelConfig:
             )
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length={self.max_sequence_length} must be positive.")
+        if self.rope_scaling is not None:
+            _validate_rope_scaling(self.rope_scaling)
+
+
+def _validate_rope_scaling(scaling: dict) -> None:
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(
+            f"rope_scaling type {kind!r} is not supported; choose one of "
+            f"{', '.join(ROPE_SCALINGS)} (or no scaling)."
+        )
+    if not scaling.get("factor", 0) > 0:
+        raise ValueError(f"rope_scaling={scaling}: needs a positive 'factor'.")
+    missing = [k for k in LLAMA3_ROPE_FIELDS if kind == "llama3" and k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling={scaling}: llama3 scaling needs {', '.join(missing)}.")

@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.config import LLAMA3_ROPE_FIELDS, LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.init import EMBEDDING_KEY, OUTPUT_LAYER_KEY, seeded_init
 from megatron_loopmdm.models.loop_block import LoopMDMBlock
 
@@ -73,12 +73,7 @@ class LoopMDMModel(LanguageModule):
                     tp_group=self.pg_collection.tp,
                 )
         if self.position_embedding_type == "rope":
-            self.rotary_pos_emb = RotaryEmbedding(
-                kv_channels=config.kv_channels,
-                rotary_percent=1.0,
-                rotary_base=model_config.rotary_base,
-                use_cpu_initialization=config.use_cpu_initialization,
-            )
+            self.rotary_pos_emb = _rotary_embedding(config, model_config)
         self.decoder = LoopMDMBlock(
             config,
             loop_config,
@@ -174,7 +169,28 @@ class LoopMDMModel(LanguageModule):
             else None
         )
         logits, _ = self.output_layer(hidden_states, weight=weight)
+        if self.model_config.shift_logits:
+            # [s, b, v]: position i takes position i - 1's prediction of its next token.
+            logits = torch.cat([logits[:1], logits[:-1]], dim=0)
         logits = self._suppress_mask_logit(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
         return self.compute_language_model_loss(labels, logits)
+
+
+def _rotary_embedding(config: TransformerConfig, model_config: LoopMDMModelConfig):
+    """Megatron's RoPE with a pretrained model's frequency scaling (`rope_scaling`) applied."""
+    scaling = model_config.rope_scaling or {}
+    rotary = RotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=1.0,
+        rotary_base=model_config.rotary_base,
+        use_cpu_initialization=config.use_cpu_initialization,
+        seq_len_interpolation_factor=(
+            scaling["factor"] if scaling.get("rope_type") == "linear" else None
+        ),
+    )
+    if scaling.get("rope_type") == "llama3":
+        fields = {k: scaling[k] for k in LLAMA3_ROPE_FIELDS}
+        rotary.inv_freq = rotary._apply_scaling(rotary.inv_freq, factor=scaling["factor"], **fields)
+    return rotary

@@ -24,6 +24,14 @@ class ModelSize:
     normalization: str = "RMSNorm"
     swiglu: bool = True
     seq_length: int = 1024
+    kv_channels: Optional[int] = None
+    """Per-head width; None means hidden_size / num_attention_heads (Qwen3 sets it apart)."""
+    layernorm_epsilon: float = 1e-5
+    """The norms' epsilon (pretrained Llama/Qwen models use 1e-5 or 1e-6)."""
+    qk_layernorm: bool = False
+    """A per-head norm of queries and keys before RoPE (Qwen3)."""
+    add_qkv_bias: bool = False
+    """Biases on the query/key/value projections only (Qwen2)."""
 
 
 MODEL_SIZES = {
