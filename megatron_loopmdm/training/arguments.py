@@ -7,6 +7,7 @@ change.
 """
 
 import argparse
+import json
 import os
 from typing import Optional
 
@@ -174,6 +175,55 @@ def _loop_and_diffusion_args(parser):
     group.add_argument("--random-length-prob", type=float, default=0.0)
 
 
+def _ar_adaptation_args(parser):
+    group = parser.add_argument_group(
+        "from a pretrained AR model",
+        "architecture fields of imported models (tools/convert_hf_to_checkpoint.py --from-ar "
+        "writes the flags to SAVE/pretrain_flags.txt) and the AR-to-diffusion adaptation",
+    )
+    group.add_argument("--kv-channels", type=int, help="per-head width (default hidden/heads)")
+    group.add_argument("--norm-epsilon", type=float, help="the norms' epsilon (default 1e-5)")
+    group.add_argument("--qk-layernorm", action="store_true", help="per-head q/k norm (Qwen3)")
+    group.add_argument("--add-qkv-bias", action="store_true", help="q/k/v biases (Qwen2)")
+    group.add_argument(
+        "--rope-scaling", type=json.loads, help='HF-style JSON, e.g. \'{"rope_type": "linear", '
+        '"factor": 4}\' or llama3 scaling',
+    )  # fmt: skip
+    group.add_argument(
+        "--padded-vocab-size", type=int, help="embedding rows, when the model has more rows "
+        "than the tokenizer has tokens (default: the tokenizer's size, padded)",
+    )  # fmt: skip
+    group.add_argument(
+        "--shift-logits", action="store_true",
+        help="position i predicts token i from position i - 1's output (reuses an AR head)",
+    )  # fmt: skip
+    group.add_argument(
+        "--attention-mask-anneal-iters", type=int, default=0,
+        help="start causal and open the future gradually, bidirectional from this iteration "
+        "(DiffuLLaMA); 0: bidirectional throughout",
+    )  # fmt: skip
+
+
+def _check_ar_adaptation_args(args, errors: list) -> None:
+    tp = args.tensor_model_parallel_size
+    _check(
+        args.attention_mask_anneal_iters >= 0,
+        "--attention-mask-anneal-iters must be >= 0.",
+        errors,
+    )
+    _check(
+        args.padded_vocab_size is None or args.padded_vocab_size % tp == 0,
+        f"--padded-vocab-size {args.padded_vocab_size} must be a multiple of "
+        f"--tensor-model-parallel-size {tp}.",
+        errors,
+    )
+    _check(
+        args.rope_scaling is None or isinstance(args.rope_scaling, dict),
+        '--rope-scaling takes a JSON object, e.g. \'{"rope_type": "linear", "factor": 4}\'.',
+        errors,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain_loopmdm.py",
@@ -187,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         _checkpoint_args,
         _logging_args,
         _loop_and_diffusion_args,
+        _ar_adaptation_args,
     ):
         add(parser)
     return parser
@@ -306,6 +357,7 @@ def validate_args(args, world_size: int) -> list[str]:
         errors,
     )
     _check(0.0 <= args.random_length_prob <= 1.0, "--random-length-prob must be in [0, 1].", errors)
+    _check_ar_adaptation_args(args, errors)
     return errors
 
 

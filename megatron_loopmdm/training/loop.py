@@ -21,6 +21,7 @@ from megatron_loopmdm.distributed.parallel import (
     initialize_distributed,
     set_seed,
 )
+from megatron_loopmdm.models.attention_masks import anneal_progress
 from megatron_loopmdm.models.builder import replace_size, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
@@ -75,9 +76,23 @@ def model_size_from_args(args) -> ModelSize:
         changes["loop_layers"] = tuple(args.loop_layers)
     if args.max_loops is not None:
         changes["max_loops"] = args.max_loops
+    changes.update(_ar_architecture_changes(args))
     if "hidden_size" in changes and "ffn_hidden_size" not in changes:
         changes["ffn_hidden_size"] = 4 * changes["hidden_size"]
     return replace_size(base, **changes)
+
+
+def _ar_architecture_changes(args) -> dict:
+    """ModelSize fields of imported AR models (--kv-channels, --norm-epsilon, ...)."""
+    changes = {}
+    if getattr(args, "kv_channels", None) is not None:
+        changes["kv_channels"] = args.kv_channels
+    if getattr(args, "norm_epsilon", None) is not None:
+        changes["layernorm_epsilon"] = args.norm_epsilon
+    for name in ("qk_layernorm", "add_qkv_bias"):
+        if getattr(args, name, False):
+            changes[name] = True
+    return changes
 
 
 def _vocab_and_tokenizer(args):
@@ -192,7 +207,8 @@ class Run:
         )
         self.size = size
         self.model_config = LoopMDMModelConfig(
-            vocab_size=padded_vocab_size(
+            vocab_size=args.padded_vocab_size
+            or padded_vocab_size(
                 vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
             ),
             max_sequence_length=args.max_position_embeddings or size.seq_length,
@@ -200,6 +216,8 @@ class Run:
             position_embedding_type=args.position_embedding_type,
             rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            rope_scaling=args.rope_scaling,
+            shift_logits=args.shift_logits,
         )
         self.chunks = build_model_chunks(
             self.config,
@@ -285,9 +303,14 @@ class Run:
             lr_wsd_decay_style=args.lr_wsd_decay_style,
         )
 
-    def step(self, num_loops: int, micro: list):
+    def step(self, num_loops: int, micro: list, iteration: int = 0):
         """One training step on this rank's micro-batches of the global batch."""
-        forward_step = make_forward_step(self.diffusion, self.args.seed, num_loops)
+        forward_step = make_forward_step(
+            self.diffusion,
+            self.args.seed,
+            num_loops,
+            anneal_progress=anneal_progress(iteration, self.args.attention_mask_anneal_iters),
+        )
         if self.trainer is not None:
             return self.trainer.train_step(
                 forward_step,
@@ -386,6 +409,9 @@ class Run:
                 "num_query_groups",
                 "normalization",
                 "swiglu",
+                "kv_channels",
+                "qk_layernorm",
+                "add_qkv_bias",
             ),
             "model_config": (
                 "vocab_size",
@@ -517,7 +543,7 @@ def train(run: Run) -> None:
         num_loops = draw_num_loops(run.loop_config, args.seed, iteration)
         for chunk in run.chunks:
             chunk.train()
-        result = run.step(num_loops, run.micro_batches(train_iter))
+        result = run.step(num_loops, run.micro_batches(train_iter), iteration)
         iteration += 1
         if result.update_successful:
             run.scheduler.step(increment=1)

@@ -22,6 +22,7 @@ from megatron_loopmdm.diffusion.noise import (
     sample_times,
 )
 from megatron_loopmdm.distributed.parallel import any_rank
+from megatron_loopmdm.models.attention_masks import annealed_attention_mask
 
 import torch
 from megatron.core import parallel_state
@@ -93,6 +94,15 @@ def _prepare(batch, diffusion: DiffusionConfig, seed: int):
     return tokens, valid, attention_mask, position_ids
 
 
+def _with_annealing(attention_mask, sample_index, seq_length, seed, progress):
+    """The batch's mask OR the annealed causal mask ([b, 1, s, s]); unchanged at progress 1."""
+    annealed = annealed_attention_mask(sample_index, seq_length, seed, progress)
+    if annealed is None:
+        return attention_mask
+    annealed = annealed.to(sample_index.device)
+    return annealed if attention_mask is None else attention_mask | annealed
+
+
 def count_loss_tokens(batch: dict, diffusion: DiffusionConfig, seed: int) -> int:
     """The number of tokens a micro-batch contributes to the loss's normaliser."""
     return int(_prepare(batch, diffusion, seed)[1].sum())
@@ -104,11 +114,13 @@ def make_forward_step(
     num_loops: int,
     fixed_t: Optional[float] = None,
     stream: int = 0,
+    anneal_progress: float = 1.0,
 ):
     """A `forward_step_func` for megatron's schedules at one loop count.
 
     With `fixed_t`, every sample is noised at that t (validation on a fixed t-grid); `stream`
-    then selects an independent mask draw per grid point.
+    then selects an independent mask draw per grid point. `anneal_progress` < 1 adds the
+    causal-to-bidirectional annealed attention mask (see `models.attention_masks`).
     """
 
     def forward_step(data_iterator: Iterator, model):
@@ -121,6 +133,9 @@ def make_forward_step(
             t = torch.full((tokens.size(0),), fixed_t, dtype=torch.float64)
         noisy, mask, p_mask = mask_tokens(
             tokens, index, seed, diffusion.mask_token_id, diffusion.time_eps, t, valid, stream
+        )
+        attention_mask = _with_annealing(
+            attention_mask, index, tokens.size(1), seed, anneal_progress
         )
         output = model(
             noisy,

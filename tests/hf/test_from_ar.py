@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.hf.ar_models import ROWS, VOCAB, ar_config, save_ar_model, save_tokenizer
-from tests.utils import REPO
+from tests.utils import REPO, run_torchrun
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 SEQ = 20
@@ -140,3 +140,16 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--from-ar", str(hf), "--save", save, "--max-loops", "0"])
     assert exc.value.code == 2
+
+
+def test_qwen3_import_loads_at_tp2_with_the_hf_logits(tmp_path):
+    hf = save_ar_model(tmp_path / "hf", "qwen3")
+    import_ar_model(tmp_path / "hf", tmp_path / "ckpt", loop_layers=(2, 4), max_loops=2)
+    _, extra = read_checkpoint_extra(tmp_path / "ckpt")
+    ids = random_ids(2)
+    torch.save(ids, tmp_path / "ids.pt")
+    args = ["--load", tmp_path / "ckpt", "--ids", tmp_path / "ids.pt", "--out", tmp_path / "o.pt"]
+    result = run_torchrun(REPO / "tests" / "hf" / "from_ar_worker.py", 2, args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = torch.load(tmp_path / "o.pt")
+    assert_close(got, hf(ids).logits.detach(), extra["model_config"]["mask_token_id"])
