@@ -36,6 +36,10 @@ class LoopMDMConfig(PretrainedConfig):
         loop_input_injection: `none`, `add` (h + e) or `concat` (W [h; e]) before loops 2..S.
         loop_embedding: a learned loop-index embedding added before every loop.
         tie_word_embeddings: the output layer shares the token embedding.
+        attention_bias: biases on the q/k/v projections (Qwen2).
+        qk_layernorm: an RMSNorm over each head's queries and keys before RoPE (Qwen3).
+        shift_logits: position i's logits are the output at position i - 1 (AR adaptation;
+            position 0 keeps its own), as in Dream.
     """
 
     model_type = "loopmdm"
@@ -62,6 +66,9 @@ class LoopMDMConfig(PretrainedConfig):
         loop_input_injection: str = "none",
         loop_embedding: bool = False,
         tie_word_embeddings: bool = True,
+        attention_bias: bool = False,
+        qk_layernorm: bool = False,
+        shift_logits: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -84,6 +91,9 @@ class LoopMDMConfig(PretrainedConfig):
         self.loop_input_injection = loop_input_injection
         self.loop_embedding = loop_embedding
         self.tie_word_embeddings = tie_word_embeddings
+        self.attention_bias = attention_bias
+        self.qk_layernorm = qk_layernorm
+        self.shift_logits = shift_logits
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
 

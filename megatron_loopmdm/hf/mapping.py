@@ -48,6 +48,13 @@ def name_pairs(config: LoopMDMConfig) -> Iterator[tuple[str, tuple[str, ...], st
             yield f"{m}input_layernorm.{p}", (f"{h}input_layernorm.{p}",), "copy"
         qkv = tuple(f"{h}self_attn.{x}_proj.weight" for x in "qkv")
         yield f"{m}self_attention.linear_qkv.weight", qkv, "qkv"
+        if getattr(config, "attention_bias", False):
+            qkv_bias = tuple(f"{h}self_attn.{x}_proj.bias" for x in "qkv")
+            yield f"{m}self_attention.linear_qkv.bias", qkv_bias, "qkv"
+        if getattr(config, "qk_layernorm", False):
+            for x in "qk":
+                names = (f"{h}self_attn.{x}_norm.weight",)
+                yield f"{m}self_attention.{x}_layernorm.weight", names, "copy"
         yield f"{m}self_attention.linear_proj.weight", (f"{h}self_attn.o_proj.weight",), "copy"
         for p in norms:
             yield f"{m}pre_mlp_layernorm.{p}", (f"{h}post_attention_layernorm.{p}",), "copy"
@@ -94,7 +101,9 @@ def megatron_to_hf(state: dict, config: LoopMDMConfig) -> dict:
     out = {}
     for megatron_name, hf_names, kind in name_pairs(config):
         weight = state[megatron_name]
-        if kind == "qkv":
+        if kind == "qkv" and weight.dim() == 1:  # a bias: split as a one-column weight
+            parts = tuple(x.squeeze(-1) for x in _split_qkv(weight[:, None], config))
+        elif kind == "qkv":
             parts = _split_qkv(weight, config)
         elif kind == "glu":
             parts = tuple(x.clone() for x in weight.chunk(2, dim=0))
@@ -111,7 +120,9 @@ def hf_to_megatron(state: dict, config: LoopMDMConfig) -> dict:
     out = {}
     for megatron_name, hf_names, kind in name_pairs(config):
         parts = [state[name] for name in hf_names]
-        if kind == "qkv":
+        if kind == "qkv" and parts[0].dim() == 1:
+            out[megatron_name] = _fuse_qkv(*(x[:, None] for x in parts), config).squeeze(-1)
+        elif kind == "qkv":
             out[megatron_name] = _fuse_qkv(*parts, config)
         elif kind == "glu":
             out[megatron_name] = torch.cat(parts, dim=0)
@@ -123,6 +134,12 @@ def hf_to_megatron(state: dict, config: LoopMDMConfig) -> dict:
 def hf_config_from_extra(extra: dict) -> LoopMDMConfig:
     """The HF config of a checkpoint's `extra` state (model_size, loop_config, model_config)."""
     size, loop, model = extra["model_size"], extra["loop_config"], extra["model_config"]
+    if model.get("rope_scaling"):
+        raise ValueError(
+            f"The Hugging Face LoopMDM has no RoPE scaling yet; this model uses "
+            f"{model['rope_scaling']}, so it cannot be exported (it trains and evaluates in "
+            "megatron)."
+        )
     return LoopMDMConfig(
         vocab_size=model["vocab_size"],
         hidden_size=size["hidden_size"],
@@ -130,9 +147,9 @@ def hf_config_from_extra(extra: dict) -> LoopMDMConfig:
         num_hidden_layers=size["num_layers"],
         num_attention_heads=size["num_attention_heads"],
         num_key_value_heads=size["num_query_groups"] or size["num_attention_heads"],
-        head_dim=size["hidden_size"] // size["num_attention_heads"],
+        head_dim=size.get("kv_channels") or size["hidden_size"] // size["num_attention_heads"],
         normalization=size["normalization"],
-        layer_norm_eps=LAYER_NORM_EPS,
+        layer_norm_eps=size.get("layernorm_epsilon", LAYER_NORM_EPS),
         hidden_act="silu" if size["swiglu"] else "gelu",
         gated_linear_unit=size["swiglu"],
         position_embedding_type=model["position_embedding_type"],
@@ -144,6 +161,9 @@ def hf_config_from_extra(extra: dict) -> LoopMDMConfig:
         loop_input_injection=loop["input_injection"],
         loop_embedding=loop["loop_embedding"],
         tie_word_embeddings=model["share_embeddings_and_output_weights"],
+        attention_bias=size.get("add_qkv_bias", False),
+        qk_layernorm=size.get("qk_layernorm", False),
+        shift_logits=model.get("shift_logits", False),
     )
 
 
@@ -151,14 +171,10 @@ def extra_from_hf_config(config: LoopMDMConfig) -> dict:
     """`model_size`, `loop_config` and `model_config` dicts (the checkpoint's `extra` form).
 
     Raises:
-        ValueError: a field the megatron model cannot express (its head width is
-            hidden / heads, its norm epsilon 1e-5, SwiGLU pairs with silu and GELU with gelu).
+        ValueError: a field the megatron model cannot express (SwiGLU pairs with silu and
+            GELU with gelu; the RoPE base is an integer).
     """
     problems = []
-    if config.head_dim * config.num_attention_heads != config.hidden_size:
-        problems.append(f"head_dim={config.head_dim} must be hidden_size / num_attention_heads")
-    if config.layer_norm_eps != LAYER_NORM_EPS:
-        problems.append(f"layer_norm_eps={config.layer_norm_eps} must be {LAYER_NORM_EPS}")
     if config.gated_linear_unit != (config.hidden_act == "silu"):
         problems.append("gated_linear_unit needs hidden_act='silu', and GELU an ungated MLP")
     if int(config.rope_theta) != config.rope_theta:
@@ -166,6 +182,9 @@ def extra_from_hf_config(config: LoopMDMConfig) -> dict:
     if problems:
         raise ValueError("The megatron LoopMDM cannot hold this model: " + "; ".join(problems))
     loop_layers = tuple(config.loop_layers)
+    kv_channels = config.head_dim
+    if config.head_dim * config.num_attention_heads == config.hidden_size:
+        kv_channels = None
     return {
         "model_size": {
             "num_layers": config.num_hidden_layers,
@@ -178,6 +197,10 @@ def extra_from_hf_config(config: LoopMDMConfig) -> dict:
             "normalization": config.normalization,
             "swiglu": config.gated_linear_unit,
             "seq_length": config.max_position_embeddings,
+            "kv_channels": kv_channels,
+            "layernorm_epsilon": config.layer_norm_eps,
+            "qk_layernorm": getattr(config, "qk_layernorm", False),
+            "add_qkv_bias": getattr(config, "attention_bias", False),
         },
         "loop_config": {
             "loop_layers": loop_layers,
@@ -194,5 +217,6 @@ def extra_from_hf_config(config: LoopMDMConfig) -> dict:
             "position_embedding_type": config.position_embedding_type,
             "rotary_base": int(config.rope_theta),
             "share_embeddings_and_output_weights": config.tie_word_embeddings,
+            "shift_logits": getattr(config, "shift_logits", False),
         },
     }

@@ -61,10 +61,14 @@ class LoopMDMAttention(nn.Module):
         self.head_dim = config.head_dim
         h = config.hidden_size
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(h, q_width, bias=False)
-        self.k_proj = nn.Linear(h, kv_width, bias=False)
-        self.v_proj = nn.Linear(h, kv_width, bias=False)
+        bias = getattr(config, "attention_bias", False)
+        self.q_proj = nn.Linear(h, q_width, bias=bias)
+        self.k_proj = nn.Linear(h, kv_width, bias=bias)
+        self.v_proj = nn.Linear(h, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, h, bias=False)
+        if getattr(config, "qk_layernorm", False):
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor, rotary: Optional[tuple], attn_mask: Optional[Tensor]) -> Tensor:
         """x [b, s, h]; attn_mask [b, 1, 1, s] bool, True = attended."""
@@ -73,6 +77,8 @@ class LoopMDMAttention(nn.Module):
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         context = F.scaled_dot_product_attention(
@@ -305,6 +311,8 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             input_ids, attention_mask, position_ids, num_loops, hidden, loop_threshold, min_loops
         )
         logits = self.lm_head(x)
+        if getattr(self.config, "shift_logits", False):
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # i takes i - 1's output
         mask_id = torch.tensor([self.config.mask_token_id], device=logits.device)
         logits = logits.index_fill(-1, mask_id, float("-inf"))
         hidden_states = tuple(hidden) if hidden is not None else None

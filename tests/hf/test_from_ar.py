@@ -35,8 +35,8 @@ def random_ids(seed=0, batch=2):
 
 
 @torch.no_grad()
-def loopmdm_logits(model, ids, num_loops=1, mask=None):
-    mask = causal_attention_mask(ids.size(1)) if mask is None else mask
+def loopmdm_logits(model, ids, num_loops=1, causal=True):
+    mask = causal_attention_mask(ids.size(1)) if causal else None
     position_ids = torch.arange(ids.size(1)).expand_as(ids)
     return model(ids, position_ids=position_ids, attention_mask=mask, num_loops=num_loops)
 
