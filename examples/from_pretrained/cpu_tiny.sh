@@ -16,7 +16,7 @@ $PY tools/convert_hf_to_checkpoint.py --from-ar "$OUT/ar" --save "$OUT/imported"
     --loop-layers 2 4 --max-loops 2 --retrofit --shift-logits
 read -r -a MODEL <<< "$(cat "$OUT/imported/pretrain_flags.txt")"
 
-$PY -m torch.distributed.run --nproc_per_node 1 --master_port "${MASTER_PORT:-29533}" \
+$PY -m torch.distributed.run --nproc_per_node 1 --master_port "${MASTER_PORT:-$((20000 + RANDOM % 20000))}" \
     pretrain_loopmdm.py "${MODEL[@]}" --device cpu \
     --load "$OUT/imported" --finetune --save "$OUT/adapted" \
     --mock-data --vocab-size 128 --micro-batch-size 16 --global-batch-size 16 \

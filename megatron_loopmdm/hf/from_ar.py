@@ -80,6 +80,9 @@ def _check_supported(config, seq_length: int) -> None:
         problems.append("mlp_bias=True")
     if config.model_type in ("llama", "qwen3") and getattr(config, "attention_bias", False):
         problems.append("attention_bias=True (an output-projection bias)")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        problems.append(f"layer types {sorted(set(layer_types))} (only full attention)")
     window = getattr(config, "sliding_window", None)
     uses_window = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
     if uses_window and window is not None and window < seq_length:
@@ -302,7 +305,11 @@ def import_ar_model(
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(load, dtype=torch.float32)
     except OSError as e:
-        raise ConversionError(f"--from-ar {load}: the weights cannot be read: {e}") from e
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ConversionError(
+            f"--from-ar {load}: the weights cannot be read (missing or broken files): "
+            f"{first_line}"
+        ) from e
     tensors = megatron_tensors(
         hf_model.state_dict(), config, layers, extra, mask_id if is_new else None
     )

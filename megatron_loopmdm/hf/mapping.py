@@ -217,6 +217,7 @@ def extra_from_hf_config(config: LoopMDMConfig) -> dict:
             "position_embedding_type": config.position_embedding_type,
             "rotary_base": int(config.rope_theta),
             "share_embeddings_and_output_weights": config.tie_word_embeddings,
+            "rope_scaling": None,
             "shift_logits": getattr(config, "shift_logits", False),
         },
     }

@@ -132,6 +132,10 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     save_ar_model(small, "qwen2", config=ar_config("qwen2").__class__(
         **{**ar_config("qwen2").to_dict(), "vocab_size": 64}), tokenizer=True)  # fmt: skip
     cases["has no room"] = ["--from-ar", str(small)]
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((hf / "config.json").read_text())
+    cases["missing or broken files"] = ["--from-ar", str(weightless)]
     capsys.readouterr()
     for expected, args in cases.items():
         assert main([*args, "--save", save]) == 1, expected
