@@ -90,3 +90,20 @@ def test_finetune_imported_model_at_tp2_then_export_and_sample(tmp_path):
     assert torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
     out = hf.diffusion_generate(ids[:, :4].clamp_max(VOCAB - 1), gen_length=8, steps=4)
     assert out.shape == (2, 12) and not (out == mask_id).any()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--attention-mask-anneal-iters", "-1"], "--attention-mask-anneal-iters must be >= 0"),
+        (["--padded-vocab-size", "129", "--tensor-model-parallel-size", "2"], "multiple of"),
+        (["--rope-scaling", "[1]"], "--rope-scaling takes a JSON object"),
+    ],
+)
+def test_bad_adaptation_flags_say_what_to_change(flags, message, capsys):
+    from megatron_loopmdm.training.arguments import parse_args
+
+    base = ["--mock-data", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3"]
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*base, *flags], world_size=2)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
