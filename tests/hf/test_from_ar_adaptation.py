@@ -107,3 +107,21 @@ def test_bad_adaptation_flags_say_what_to_change(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args([*base, *flags], world_size=2)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_qwen3_export_gives_the_megatron_logits_and_rope_scaling_is_refused(tmp_path):
+    save_ar_model(tmp_path / "hf", "qwen3")
+    import_ar_model(tmp_path / "hf", tmp_path / "ckpt", (1, 3), max_loops=2, shift_logits=True)
+    convert_checkpoint_to_hf(tmp_path / "ckpt", tmp_path / "export")
+    hf = load_for_inference(tmp_path / "export")
+    assert hf.config.qk_layernorm and hf.config.head_dim == 16
+    reference, _ = imported(tmp_path / "ckpt")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    want = loopmdm_logits(reference, ids, num_loops=3, causal=False)
+    got = hf(ids, num_loops=3).logits
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+    save_ar_model(tmp_path / "llama", "llama")  # llama3 RoPE scaling
+    import_ar_model(tmp_path / "llama", tmp_path / "llama_ckpt", (1, 2), max_loops=2)
+    with pytest.raises(ValueError, match="no RoPE scaling yet"):
+        convert_checkpoint_to_hf(tmp_path / "llama_ckpt", tmp_path / "llama_export")
