@@ -209,7 +209,7 @@ class SFTExamples:
     def __getitem__(self, i: int) -> Tuple[numpy.ndarray, numpy.ndarray]:
         d = int(numpy.searchsorted(self.offsets, i, side="right")) - 1
         j = i - self.offsets[d]
-        return self.text[d][j].astype(numpy.int64), self.mask[d][j]
+        return self.text[d][j].astype(numpy.int64), numpy.array(self.mask[d][j])  # copies
 
 
 def _pack(order: numpy.ndarray, lengths: numpy.ndarray, seq_length: int, packing: str):

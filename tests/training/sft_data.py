@@ -1,5 +1,6 @@
 """Tiny SFT data made by the real tools: a tokenizer and tools/preprocess_sft.py datasets."""
 
+import importlib.util
 import json
 import random
 import subprocess
@@ -48,8 +49,20 @@ def make_tokenizer(directory):
     return directory / "tok"
 
 
+def run_preprocess_sft(*args) -> int:
+    """tools/preprocess_sft.py's `main` in this process (no megatron import per call)."""
+    path = REPO / "tools" / "preprocess_sft.py"
+    spec = importlib.util.spec_from_file_location("preprocess_sft", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in args])
+
+
 def preprocess(directory, name, tokenizer, records, *extra):
     jsonl = write_jsonl(directory / f"{name}.jsonl", records)
-    tool("preprocess_sft.py", "--input", jsonl, "--output-prefix", directory / name,
-         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer, *extra)  # fmt: skip
+    code = run_preprocess_sft(
+        "--input", jsonl, "--output-prefix", directory / name, "--tokenizer-type",
+        "HuggingFaceTokenizer", "--tokenizer-model", tokenizer, *extra,
+    )  # fmt: skip
+    assert code == 0
     return directory / name
