@@ -24,6 +24,7 @@ from megatron_loopmdm.diffusion.noise import (
     sample_times,
 )
 from megatron_loopmdm.distributed.parallel import any_rank
+from megatron_loopmdm.models.specs import attach_document_segments
 
 import torch
 from megatron.core import parallel_state
@@ -87,6 +88,7 @@ def _prepare(batch, diffusion: DiffusionConfig, seed: int):
     attention_mask = None
     if "document_ids" in batch:
         attention_mask = document_attention_mask(batch["document_ids"]) | ~valid[:, None, None]
+        attention_mask = attach_document_segments(attention_mask, batch["document_ids"], valid)
     elif not valid.all():
         attention_mask = ~valid[:, None, None, :]  # [b, 1, 1, s], True = not attended
     position_ids = batch.get("position_ids")
