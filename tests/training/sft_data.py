@@ -25,8 +25,8 @@ def addition_examples(n, seed, junk_prompt=False):
     for _ in range(n):
         a, b = rng.randrange(100), rng.randrange(100)
         if junk_prompt:
-            prompt = " ".join(rng.choice(words) for _ in range(rng.randrange(4, 9)))
-            examples.append({"prompt": prompt + " ?", "response": " ok"})
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randrange(10, 15)))
+            examples.append({"prompt": prompt + " ?", "response": " ok ok ok"})
         else:
             examples.append({"prompt": f"{a}+{b}=", "response": str(a + b)})
     return examples
