@@ -137,6 +137,7 @@ def test_sft_finetunes_a_hugging_face_export(tmp_path, sft_data, reference):
     config = LoopMDMConfig(
         vocab_size=384, hidden_size=size.hidden_size, intermediate_size=size.ffn_hidden_size,
         num_hidden_layers=size.num_layers, num_attention_heads=size.num_attention_heads,
+        num_key_value_heads=size.num_query_groups,
         mask_token_id=tokenizer.mask, loop_layers=size.loop_layers, max_loops=size.max_loops,
         max_position_embeddings=size.seq_length, eos_token_id=tokenizer.eod,
     )  # fmt: skip
@@ -150,3 +151,20 @@ def test_sft_finetunes_a_hugging_face_export(tmp_path, sft_data, reference):
     assert [m["iteration"] for m in tuned] == [1, 2]
     # Same data, noise and loops, other weights: another loss.
     assert tuned[0]["loss"] != pytest.approx(reference[0]["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mock-data"], "--sft trains on SFT data; drop --mock-data"),
+    (["--per-document-attention"], "drop --per-document-attention"),
+    (["--random-length-prob", 0.1], "would cut SFT responses"),
+])  # fmt: skip
+def test_sft_flag_conflicts_say_what_to_change(flags, message):
+    from megatron_loopmdm.training.arguments import build_parser, validate_args
+
+    args = build_parser().parse_args(sft_args(("tok", "data"), *flags, "--train-iters", 1))
+    if "--mock-data" in flags:
+        args.data_path = None
+    assert any(message in error for error in validate_args(args, 1))
+    args = build_parser().parse_args(["--micro-batch-size", "1", "--train-iters", "1", "--lr",
+                                      "1", "--mock-data", "--sft-packing", "pack"])  # fmt: skip
+    assert "--sft-packing/--sft-eos-in-loss are read only with --sft." in validate_args(args, 1)
