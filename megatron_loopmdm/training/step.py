@@ -166,13 +166,21 @@ class StepResult:
 def _all_finite(model_chunks: list, loss: Optional[float]) -> bool:
     """Whether the loss and every gradient on every rank are finite (one all-reduce)."""
     finite = loss is None or math.isfinite(loss)
-    finite = finite and all(
-        torch.isfinite(param.main_grad).all()
-        for chunk in model_chunks
-        for param in chunk.parameters()
-        if getattr(param, "main_grad", None) is not None
-    )
+    finite = finite and all(torch.isfinite(grads).all() for grads in _gradients(model_chunks))
     return not any_rank(not finite)
+
+
+def _gradients(model_chunks: list):
+    """Every gradient: megatron DDP's contiguous grad buffers (one check each, not one per
+    parameter: fewer host-side steps), else each parameter's `main_grad`."""
+    for chunk in model_chunks:
+        buffers = getattr(chunk, "buffers", None)
+        if buffers is not None:
+            yield from (b.grad_data for b in [*buffers, *chunk.expert_parallel_buffers])
+        else:
+            yield from (
+                p.main_grad for p in chunk.parameters() if getattr(p, "main_grad", None) is not None
+            )
 
 
 def train_step(
