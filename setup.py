@@ -19,6 +19,8 @@ setup(
         "safetensors",
         "tensorboard",
         "matplotlib",
+        # Renders tokenizers' chat templates in tools/preprocess_sft.py (as transformers does).
+        "jinja2>=3.1",
     ],
     extras_require={
         # Input formats and tokenizers of tools/preprocess_data.py beyond JSON lines + HF.
