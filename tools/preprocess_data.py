@@ -13,11 +13,24 @@ Exit codes: 0 done; 2 bad arguments, tokenizer, unreadable or empty input, a bad
 or interrupted run leaves no complete-looking output and keeps an existing one.
 """
 
-import argparse
+import os
+import signal
 import sys
 
-from megatron_loopmdm.data import preprocess as pp
-from megatron_loopmdm.data.tokenizers import TOKENIZER_TYPES
+
+def _interrupted_while_starting(signum, frame):
+    # Importing torch and megatron-core takes seconds; nothing is written yet, so just leave.
+    os.write(2, b"interrupted; no output was written\n")
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_while_starting)
+signal.signal(signal.SIGTERM, _interrupted_while_starting)
+
+import argparse  # noqa: E402
+
+from megatron_loopmdm.data import preprocess as pp  # noqa: E402
+from megatron_loopmdm.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    # From here on, an interrupt raises KeyboardInterrupt, which removes temporary files.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, pp._on_sigterm)
     args = parse_args(argv)
     if args.split_sentences:
         print(
