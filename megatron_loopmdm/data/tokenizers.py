@@ -53,6 +53,12 @@ def _require_file(path: Optional[str], what: str, flag: str) -> str:
     return path
 
 
+def _fast_batch(backend):
+    """`encode_batch_fast` (tokenizers >= 0.21: the same ids, no character offsets), else
+    `encode_batch`."""
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+
 class _TokenizerBase(MegatronTokenizerBase):
     """Shared plumbing; subclasses set `_eod`, `_pad`, `_mask` and implement encode/decode."""
 
@@ -241,7 +247,7 @@ class HuggingFaceTokenizer(_TokenizerBase):
         return self._backend.token_to_id(token)
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
+        return [e.ids for e in _fast_batch(self._backend)(list(texts), add_special_tokens=True)]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
@@ -292,7 +298,7 @@ class GPT2BPETokenizer(_TokenizerBase):
         return self._vocab.get(token)
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in _fast_batch(self._backend)(list(texts), add_special_tokens=False)]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
