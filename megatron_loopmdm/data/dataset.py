@@ -130,8 +130,13 @@ def build_train_valid_test_datasets(
         raise ValueError("train_valid_test_num_samples must have three entries.")
     try:
         tokenizer.eod
-    except ValueError as e:  # samples are EOD-separated and padded with EOD
-        raise ValueError(f"Training on indexed data needs an end-of-document token: {e}") from e
+    except ValueError:  # samples are EOD-separated and padded with EOD
+        raise ValueError(
+            f"Training on indexed data needs an end-of-document token, but the "
+            f"{type(tokenizer).__name__} at {tokenizer.path} has no EOS or SEP token: add one "
+            "(e.g. eos_token in tokenizer_config.json), or build the tokenizer with "
+            "build_tokenizer(..., eod_token=TOKEN) (--eod-token of tools/preprocess_data.py)."
+        ) from None
     for prefix in data_config.prefixes():
         check_metadata(prefix, tokenizer.vocab_size, type(tokenizer).__name__)
         check_vocab(check_indexed_dataset(prefix), tokenizer.vocab_size, type(tokenizer).__name__)
