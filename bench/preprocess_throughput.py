@@ -1,37 +1,88 @@
-"""Throughput of tools/preprocess_data.py against its ceiling, the tokenizer's own batch encoding.
+"""Wall time of tools/preprocess_data.py against Megatron-LM's tool and the tokenizer's ceiling.
 
-Generates a synthetic corpus (default 50 MB), trains a byte-level BPE on a slice of it, measures
-the tokenizer's `encode_batch` over the in-memory texts on all cores (the ceiling), then runs
-tools/preprocess_data.py with 1 and 2 workers and reports MB/s, tokens/s and the ratio to the
-ceiling. The preprocessing time is the tool's own (reading, parsing, tokenizing, writing), without
-interpreter start-up; the wall time with start-up is printed too. The last line is
-`preprocess_vs_tokenizer_ratio=<ratio at 2 workers>`.
+Generates a synthetic corpus (default 32 MB of JSON lines), trains a byte-level BPE and a
+BERT-like WordPiece tokenizer (truncation and padding in its tokenizer.json, [SEP] as end of
+document) on a slice of it, then for each tokenizer measures:
 
-    python bench/preprocess_throughput.py [--size-mb 50] [--workdir /tmp/bench]
+* the ceiling: the tokenizer library's own `encode_batch` over the in-memory texts on all cores;
+* our tool, `--workers W --append-eod`, wall time with start-up, and its start-up alone (the
+  same command on a one-document input);
+* with `--megatron-lm DIR` (a Megatron-LM checkout), Megatron-LM's tools/preprocess_data.py with
+  the same arguments (`--workers W`), wall time with start-up.
+
+Prints per tokenizer `ours_vs_megatron_lm=<our wall / theirs>` (target <= 0.67) and
+`ceiling_vs_ours=<ceiling time / our wall>` (target >= 0.95 where the ceiling is the limit).
+
+    python bench/preprocess_throughput.py [--size-mb 32] [--workers 2] [--megatron-lm DIR]
 """
 
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
 
 
-def run(cmd):
+def run(cmd, env=None):
     t0 = time.time()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
     return out.stdout, time.time() - t0
+
+
+def build_tokenizers(work: str, head: str, vocab_size: int) -> dict:
+    py = sys.executable
+    bpe = os.path.join(work, "bpe")
+    run([py, "tools/train_tokenizer.py", "--input", head, "--output-dir", bpe,
+         "--vocab-size", str(vocab_size)])  # fmt: skip
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    wordpiece = os.path.join(work, "wordpiece")
+    os.makedirs(wordpiece, exist_ok=True)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    with open(head, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                             special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    tok.enable_truncation(max_length=128)
+    tok.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    tok.save(os.path.join(wordpiece, "tokenizer.json"))
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 128}
+    config.update({f"{n}_token": f"[{n.upper()}]" for n in ("unk", "sep", "pad", "cls", "mask")})
+    with open(os.path.join(wordpiece, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return {"bytelevel-bpe": bpe, "wordpiece": wordpiece}
+
+
+def ceiling_seconds(tok_dir: str, texts: list) -> float:
+    sys.path.insert(0, REPO)
+    from megatron_loopmdm.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", tok_dir)
+    t0 = time.time()
+    for i in range(0, len(texts), 1024):
+        tokenizer.encode_batch(texts[i : i + 1024])
+    return time.time() - t0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=float, default=50.0)
+    parser.add_argument("--size-mb", type=float, default=32.0)
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--megatron-lm", help="A Megatron-LM checkout, to time its tool too.")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="preprocess_bench_")
@@ -39,75 +90,38 @@ def main() -> None:
     py = sys.executable
     corpus = os.path.join(work, "corpus.jsonl")
     run([py, "tools/make_synthetic_corpus.py", "--output", corpus, "--size-mb", str(args.size_mb)])
-    head = os.path.join(work, "head.jsonl")
-    with open(corpus) as src, open(head, "w") as dst:
-        for _, line in zip(range(20000), src):
+    head, one = os.path.join(work, "head.jsonl"), os.path.join(work, "one.jsonl")
+    with open(corpus) as src, open(head, "w") as dst, open(one, "w") as single:
+        for i, line in zip(range(20000), src):
             dst.write(line)
-    tok = os.path.join(work, "tok")
-    run(
-        [
-            py,
-            "tools/train_tokenizer.py",
-            "--input",
-            head,
-            "--output-dir",
-            tok,
-            "--vocab-size",
-            str(args.vocab_size),
-        ]
-    )
-
-    sys.path.insert(0, REPO)
-    from megatron_loopmdm.data.tokenizers import build_tokenizer
-
+            if i == 0:
+                single.write(line)
     with open(corpus, "rb") as f:
-        raw = f.read()
-    texts = [json.loads(line)["text"] for line in raw.splitlines()]
-    text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    tokenizer = build_tokenizer("HuggingFaceTokenizer", tok)
-    t0 = time.time()
-    num_tokens = 0
-    for i in range(0, len(texts), 1024):
-        num_tokens += sum(map(len, tokenizer.encode_batch(texts[i : i + 1024])))
-    ceiling_s = time.time() - t0
-    ceiling_mbs, ceiling_tps = text_mb / ceiling_s, num_tokens / ceiling_s
-    print(
-        f"corpus: {len(raw) / 1e6:.1f} MB of JSON lines, {len(texts)} documents, "
-        f"{text_mb:.1f} MB of text, {num_tokens} tokens, {os.cpu_count()} cores"
-    )
-    print(f"ceiling (encode_batch, all cores): {ceiling_mbs:.2f} MB/s, {ceiling_tps:.0f} tokens/s")
-
-    ratio = None
-    for workers in (1, 2):
-        out, wall = run(
-            [
-                py,
-                "tools/preprocess_data.py",
-                "--input",
-                corpus,
-                "--output-prefix",
-                os.path.join(work, f"out{workers}"),
-                "--tokenizer-type",
-                "HuggingFaceTokenizer",
-                "--tokenizer-model",
-                tok,
-                "--append-eod",
-                "--workers",
-                str(workers),
-                "--log-interval",
-                "0",
-            ]
-        )
-        seconds = float(re.search(r"time: ([\d.]+) s", out).group(1))
-        tokens = int(re.search(r"tokens: (\d+)", out).group(1))
-        mbs = text_mb / seconds
-        ratio = mbs / ceiling_mbs
-        print(
-            f"preprocess_data --workers {workers}: {mbs:.2f} MB/s, "
-            f"{(tokens - len(texts)) / seconds:.0f} tokens/s (excluding EOD), "
-            f"{seconds:.1f} s ({wall:.1f} s with start-up), ratio to ceiling {ratio:.2f}"
-        )
-    print(f"preprocess_vs_tokenizer_ratio={ratio:.3f}")
+        texts = [json.loads(line)["text"] for line in f]
+    print(f"corpus: {os.path.getsize(corpus) / 1e6:.1f} MB, {len(texts)} documents, "
+          f"{os.cpu_count()} cores, --workers {args.workers}")  # fmt: skip
+    for name, tok_dir in build_tokenizers(work, head, args.vocab_size).items():
+        common = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok_dir,
+                  "--append-eod", "--workers", str(args.workers)]  # fmt: skip
+        ceiling = ceiling_seconds(tok_dir, texts)
+        ours_cmd = [py, "tools/preprocess_data.py", *common, "--log-interval", "0"]
+        _, startup = run([*ours_cmd, "--input", one, "--output-prefix", f"{work}/{name}_one"])
+        _, ours = run([*ours_cmd, "--input", corpus, "--output-prefix", f"{work}/{name}_ours"])
+        line = (f"{name}: ceiling {ceiling:.1f} s; ours {ours:.1f} s wall (start-up "
+                f"{startup:.1f} s); ceiling_vs_ours={ceiling / ours:.3f}")  # fmt: skip
+        if args.megatron_lm:
+            env = {**os.environ, "PYTHONPATH": args.megatron_lm}
+            tool = os.path.join(args.megatron_lm, "tools", "preprocess_data.py")
+            prefix = f"{work}/{name}_megatron"
+            _, theirs = run([py, tool, *common, "--input", corpus, "--output-prefix", prefix], env)
+            line += f"; Megatron-LM {theirs:.1f} s wall; ours_vs_megatron_lm={ours / theirs:.3f}"
+            same = all(
+                open(f"{prefix}_text_document{s}", "rb").read()
+                == open(f"{work}/{name}_ours_text_document{s}", "rb").read()
+                for s in (".bin", ".idx")
+            )
+            line += f"; identical files: {same}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

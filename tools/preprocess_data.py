@@ -8,15 +8,29 @@ Parquet, plain text (--text-mode file|blank-line), or a Hugging Face dataset (--
 Across nodes, run one process per shard (--shard-index/--num-shards, defaulting from SLURM or
 torchrun variables), then join the shards with tools/merge_datasets.py.
 
-Exit codes: 0 done; 2 bad arguments, tokenizer or unreadable input; 65 a bad document with
---on-error fail; 130 interrupted. No complete-looking output is left unless the run finished.
+Exit codes: 0 done; 2 bad arguments, tokenizer, unreadable or empty input, a bad document with
+--on-error fail, or no progress for --stall-timeout s; 130 interrupted (SIGINT/SIGTERM). A failed
+or interrupted run leaves no complete-looking output and keeps an existing one.
 """
 
-import argparse
+import os
+import signal
 import sys
 
-from megatron_loopmdm.data import preprocess as pp
-from megatron_loopmdm.data.tokenizers import TOKENIZER_TYPES
+
+def _interrupted_while_starting(signum, frame):
+    # Importing torch and megatron-core takes seconds; nothing is written yet, so just leave.
+    os.write(2, b"interrupted; no output was written\n")
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_while_starting)
+signal.signal(signal.SIGTERM, _interrupted_while_starting)
+
+import argparse  # noqa: E402
+
+from megatron_loopmdm.data import preprocess as pp  # noqa: E402
+from megatron_loopmdm.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,18 +71,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--merge-file", help="GPT-2 merges.txt.")
     g.add_argument(
         "--tiktoken-pattern",
-        default="cl100k",
-        help="Pre-tokenization regex for tiktoken rank files: gpt2, cl100k or a regex.",
+        default=None,
+        help="tiktoken pre-tokenization: gpt2, cl100k (rank files, default) or a regex; v1 or "
+        "v2 (Megatron-LM JSON vocabularies, default v2).",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        help="Megatron-LM's --vocab-size for tiktoken JSON vocabularies (default 131072).",
+    )
+    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
+    g.add_argument(
+        "--eod-token",
+        help="Token string to use as end of document (default: EOS, else SEP, as Megatron-LM).",
     )
     g.add_argument("--append-eod", action="store_true", help="Append EOD after each document.")
     g = p.add_argument_group("output and runtime")
     g.add_argument("--output-prefix", required=True)
-    g.add_argument("--workers", type=int, default=1, help="Tokenizing processes.")
+    g.add_argument(
+        "--workers", type=int, default=1, help="Native threads of the tokenizer's batch encoder."
+    )
     g.add_argument(
         "--partitions",
         type=int,
         default=1,
-        help="Split the input this many ways on this node, then merge.",
+        help="Accepted for Megatron-LM command lines; the output is that of one run.",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        help="Stop with an error after this many seconds without progress.",
     )
     g.add_argument("--batch-size", type=int, default=256, help="Documents per worker task.")
     g.add_argument(
@@ -93,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    # From here on, an interrupt raises KeyboardInterrupt, which removes temporary files.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, pp._on_sigterm)
     args = parse_args(argv)
     if args.split_sentences:
         print(
@@ -120,6 +156,10 @@ def main(argv=None) -> int:
             vocab_file=args.vocab_file,
             merge_file=args.merge_file,
             tiktoken_pattern=args.tiktoken_pattern,
+            eod_token=args.eod_token,
+            vocab_size=args.vocab_size,
+            tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+            stall_timeout=args.stall_timeout,
             append_eod=args.append_eod,
             workers=args.workers,
             batch_size=args.batch_size,
@@ -128,14 +168,12 @@ def main(argv=None) -> int:
             on_error=args.on_error,
             log_interval=args.log_interval,
         )
-        if args.partitions < 1:
-            raise ValueError("--partitions must be at least 1.")
         summary = pp.run_partitions(config, args.partitions)
     except pp.BadInputError as e:
         print(f"error: bad input: {e}", file=sys.stderr)
         return pp.BAD_INPUT_EXIT_CODE
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, pp.StalledError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return pp.USAGE_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.data.config import DataConfig
-from megatron_loopmdm.data.indexed import check_indexed_dataset, check_vocab
+from megatron_loopmdm.data.indexed import check_indexed_dataset, check_metadata, check_vocab
 
 import numpy
 import torch
@@ -128,7 +128,17 @@ def build_train_valid_test_datasets(
     """
     if len(train_valid_test_num_samples) != 3:
         raise ValueError("train_valid_test_num_samples must have three entries.")
+    try:
+        tokenizer.eod
+    except ValueError:  # samples are EOD-separated and padded with EOD
+        raise ValueError(
+            f"Training on indexed data needs an end-of-document token, but the "
+            f"{type(tokenizer).__name__} at {tokenizer.path} has no EOS or SEP token: add one "
+            "(e.g. eos_token in tokenizer_config.json), or build the tokenizer with "
+            "build_tokenizer(..., eod_token=TOKEN) (--eod-token of tools/preprocess_data.py)."
+        ) from None
     for prefix in data_config.prefixes():
+        check_metadata(prefix, tokenizer.vocab_size, type(tokenizer).__name__)
         check_vocab(check_indexed_dataset(prefix), tokenizer.vocab_size, type(tokenizer).__name__)
     config = build_gpt_dataset_config(data_config, tokenizer)
     builder = BlendedMegatronDatasetBuilder(

@@ -5,15 +5,20 @@ the index; a truncated or mismatched pair surfaces later as a numpy or segfault-
 checks read only the 34-byte header and file sizes (plus the first document for `check_vocab`).
 """
 
+import fcntl
+import json
 import os
 import struct
 from dataclasses import dataclass
+from typing import List, Optional
 
 import megatron_loopmdm  # noqa: F401
 
 import numpy
-from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDatasetBuilder
 
+METADATA_SUFFIX = ".meta.json"
+"""The sidecar next to `.idx` (`{prefix}.meta.json`): vocabulary size and largest id."""
 _HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence and document counts
 
 
@@ -119,3 +124,118 @@ def check_vocab(info: IndexedDatasetInfo, vocab_size: int, tokenizer_name: str =
             f"{info.prefix}: token id {int(first.max())} is outside the {tokenizer_name}'s "
             f"vocabulary of {vocab_size}: the data was made with a different tokenizer."
         )
+
+
+def check_metadata(prefix: str, vocab_size: int, tokenizer_name: str = "tokenizer") -> None:
+    """Refuses data whose ids do not fit the model, from the sidecar preprocessing wrote.
+
+    Datasets without a sidecar (e.g. from Megatron-LM's tool) are left to `check_vocab`.
+
+    Raises:
+        IndexedDatasetError: The largest id is not below `vocab_size`, or the sidecar is bad.
+    """
+    path = prefix + METADATA_SUFFIX
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        max_id, made_with = int(meta["max_token_id"]), int(meta["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise IndexedDatasetError(f"{path} is not a readable metadata sidecar ({e}).") from None
+    if max_id >= vocab_size:
+        raise IndexedDatasetError(
+            f"{path}: the data's largest token id is {max_id} (made with a vocabulary of "
+            f"{made_with}), but the {tokenizer_name} has {vocab_size} tokens: train with the "
+            "tokenizer the data was preprocessed with."
+        )
+
+
+class AtomicIndexedWriter:
+    """An `IndexedDatasetBuilder` on temporary paths, renamed into place by `commit`.
+
+    `commit` removes any old `.idx` first, then renames `.bin`, the metadata sidecar, then
+    `.idx`: at every instant the files on disk are either the old complete set, an `.idx`-less
+    one (which nothing loads), or the new complete set. Used by the SFT preprocessing too.
+    """
+
+    def __init__(self, prefix: str, dtype) -> None:
+        self.prefix = prefix
+        self.tmp = f"{prefix}.tmp-{os.getpid()}"
+        directory = os.path.dirname(os.path.abspath(prefix))
+        os.makedirs(directory, exist_ok=True)
+        self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=dtype)
+
+    def add_document(self, tokens: numpy.ndarray, lengths: List[int]) -> None:
+        self.builder.add_document(tokens, lengths)
+
+    def commit(self, metadata: Optional[dict] = None) -> None:
+        """Finalizes and renames into place; `metadata` becomes `{prefix}.meta.json`."""
+        self.builder.finalize(self.tmp + ".idx")
+        if metadata is not None:
+            with open(self.tmp + METADATA_SUFFIX, "w", encoding="utf-8") as f:
+                json.dump(metadata, f, indent=1, sort_keys=True)
+        if os.path.exists(self.prefix + ".idx"):
+            os.remove(self.prefix + ".idx")
+        os.replace(self.tmp + ".bin", self.prefix + ".bin")
+        if metadata is not None:
+            os.replace(self.tmp + METADATA_SUFFIX, self.prefix + METADATA_SUFFIX)
+        elif os.path.exists(self.prefix + METADATA_SUFFIX):
+            os.remove(self.prefix + METADATA_SUFFIX)  # it described the old data
+        os.replace(self.tmp + ".idx", self.prefix + ".idx")
+
+    def abort(self) -> None:
+        try:
+            self.builder.data_file.close()
+        except Exception:
+            pass
+        for suffix in (".bin", ".idx", METADATA_SUFFIX):
+            if os.path.exists(self.tmp + suffix):
+                os.remove(self.tmp + suffix)
+
+
+class PrefixLock:
+    """An exclusive `flock` on `{prefix}.lock`, so two runs cannot write one prefix.
+
+    The kernel releases it when the holder dies (even by SIGKILL); taking it then also removes
+    the temporary files that dead holder left.
+
+    Raises:
+        ValueError: Another live run holds the lock.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.path = prefix + ".lock"
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise ValueError(
+                f"Another preprocessing run (pid {holder}) is writing {prefix}; wait for it to "
+                "finish or choose another --output-prefix."
+            ) from None
+        directory, base = os.path.split(os.path.abspath(prefix))
+        for name in os.listdir(directory):
+            if name.startswith(base) and ".tmp-" in name:
+                pid = name.rsplit(".tmp-", 1)[1].split(".", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    os.remove(os.path.join(directory, name))
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        os.remove(self.path)  # before unlocking, so no waiter locks a file that is going away
+        os.close(self.fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

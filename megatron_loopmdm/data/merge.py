@@ -4,12 +4,17 @@ Uses megatron-core's `IndexedDatasetBuilder.add_index`, as Megatron-LM's merge t
 merge of shards 0..n-1 of a corpus is byte for byte the single-shot output.
 """
 
+import json
 import os
 import re
 from typing import List, Sequence
 
 import megatron_loopmdm  # noqa: F401
-from megatron_loopmdm.data.indexed import IndexedDatasetError, check_indexed_dataset
+from megatron_loopmdm.data.indexed import (
+    METADATA_SUFFIX,
+    IndexedDatasetError,
+    check_indexed_dataset,
+)
 
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -70,14 +75,42 @@ def merge_indexed_datasets(prefixes: Sequence[str], output_prefix: str) -> str:
         for prefix in prefixes:
             builder.add_index(prefix)
         builder.finalize(tmp + ".idx")
+        meta = _merged_metadata(prefixes)
+        if meta is not None:
+            with open(tmp + METADATA_SUFFIX, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1, sort_keys=True)
         if os.path.exists(output_prefix + ".idx"):
             os.remove(output_prefix + ".idx")
         os.replace(tmp + ".bin", output_prefix + ".bin")
+        if meta is not None:
+            os.replace(tmp + METADATA_SUFFIX, output_prefix + METADATA_SUFFIX)
+        elif os.path.exists(output_prefix + METADATA_SUFFIX):
+            os.remove(output_prefix + METADATA_SUFFIX)
         os.replace(tmp + ".idx", output_prefix + ".idx")
     except BaseException:
         builder.data_file.close()
-        for suffix in (".bin", ".idx"):
+        for suffix in (".bin", ".idx", METADATA_SUFFIX):
             if os.path.exists(tmp + suffix):
                 os.remove(tmp + suffix)
         raise
     return output_prefix
+
+
+def _merged_metadata(prefixes: Sequence[str]):
+    """The preprocessing sidecar of the merge (largest id over the inputs), when every input
+    has one; None otherwise."""
+    metas = []
+    for prefix in prefixes:
+        if not os.path.exists(prefix + METADATA_SUFFIX):
+            return None
+        with open(prefix + METADATA_SUFFIX, encoding="utf-8") as f:
+            metas.append(json.load(f))
+    sizes = {m.get("vocab_size") for m in metas}
+    if len(sizes) != 1:
+        raise IndexedDatasetError(
+            f"Inputs were preprocessed with different vocabulary sizes {sorted(sizes)}."
+        )
+    merged = dict(metas[0])
+    merged["max_token_id"] = max(int(m["max_token_id"]) for m in metas)
+    merged["num_documents"] = sum(int(m.get("num_documents", 0)) for m in metas)
+    return merged

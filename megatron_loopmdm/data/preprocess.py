@@ -3,43 +3,56 @@
 Files are written by megatron-core's own `IndexedDatasetBuilder`, the writer Megatron-LM's
 `tools/preprocess_data.py` uses, with the same per-document content: the tokens of each text
 (a JSON list is a list of sentences, one sequence each), then the EOD id when `append_eod`, and a
-dtype of `DType.optimal_dtype(vocab_size)`. Output is named `{prefix}_{key}_document`.
+dtype of `DType.optimal_dtype(vocab_size)`. Output is named `{prefix}_{key}_document`, with a
+JSON sidecar `{prefix}_{key}_document.meta.json` (vocabulary size, largest id) that training
+checks at start-up.
 
-Main process: reads raw batches in order, hands them to a pool of workers (decode, parse,
-tokenize), and writes results in order. Outputs are written under temporary names and renamed
-only when complete, so an interrupted run never leaves a complete-looking `.bin`/`.idx` pair.
+One process, three threads: a reader (read, decode, parse; Python), an encoder (the tokenizer
+library's batch encoder, which releases the GIL and runs on `workers` native threads), and the
+main thread, which writes in order and is the only one that handles signals. Threads hand work
+through bounded queues polled with timeouts, so no wait is uninterruptible: a signal at any
+moment ends the run, and a pipeline that makes no progress for `stall_timeout` seconds is an
+error. Outputs are written under temporary names and renamed only when complete (the `.idx`
+last), under a lock on the prefix, so an interrupted or failed run never leaves a
+complete-looking pair and an existing good output survives it.
 """
 
 import itertools
 import json
-import multiprocessing
 import os
+import queue
 import signal
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.data import readers
+from megatron_loopmdm.data.indexed import METADATA_SUFFIX, AtomicIndexedWriter, PrefixLock  # noqa: F401
+from megatron_loopmdm.data.progress import Progress
 from megatron_loopmdm.data.tokenizers import build_tokenizer
 
 import numpy
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType
 
 MALFORMED_JSON = "malformed JSON"
 MISSING_KEY = "missing key"
 NON_UTF8 = "non-UTF-8 bytes"
 EMPTY_DOCUMENT = "empty document"
-BAD_INPUT_EXIT_CODE = 65  # sysexits' EX_DATAERR
+OUT_OF_VOCABULARY = "token id outside the vocabulary"
+BAD_INPUT_EXIT_CODE = 2
 USAGE_EXIT_CODE = 2
+SELF_CHECK_DOCUMENTS = 8
 
 
 class BadInputError(Exception):
     """A document could not be used and `on_error="fail"`; the message names file and line."""
+
+
+class StalledError(RuntimeError):
+    """The pipeline made no progress for `stall_timeout` seconds."""
 
 
 @dataclass
@@ -64,11 +77,19 @@ class PreprocessConfig:
     tokenizer_model: Optional[str] = None
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
-    tiktoken_pattern: str = "cl100k"
+    tiktoken_pattern: Optional[str] = None
+    eod_token: Optional[str] = None
+    """A token string to use as end of document instead of the tokenizer's EOS (or SEP)."""
+    vocab_size: Optional[int] = None
+    """Megatron-LM's `--vocab-size`, for tiktoken JSON vocabularies."""
+    tiktoken_num_special_tokens: int = 1000
     append_eod: bool = False
     workers: int = 1
+    """Native threads of the tokenizer library's batch encoder."""
     batch_size: int = 256
-    """Documents per worker task."""
+    """Documents per encoder call."""
+    stall_timeout: float = 300.0
+    """Seconds without any finished batch after which the run stops with an error."""
     shard_index: int = 0
     num_shards: int = 1
     on_error: str = "fail"
@@ -87,6 +108,8 @@ class PreprocessConfig:
             raise ValueError("--text-mode must be file or blank-line.")
         if self.workers < 1 or self.batch_size < 1:
             raise ValueError("--workers and --batch-size must be at least 1.")
+        if not self.stall_timeout > 0:
+            raise ValueError(f"--stall-timeout must be positive, got {self.stall_timeout}.")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ValueError(
                 f"--shard-index must be in [0, --num-shards); got {self.shard_index} of "
@@ -103,6 +126,9 @@ class PreprocessConfig:
             vocab_file=self.vocab_file,
             merge_file=self.merge_file,
             tiktoken_pattern=self.tiktoken_pattern,
+            eod_token=self.eod_token,
+            vocab_size=self.vocab_size,
+            tiktoken_num_special_tokens=self.tiktoken_num_special_tokens,
         )
 
     def output_prefixes(self) -> Dict[str, str]:
@@ -122,6 +148,7 @@ class Summary:
     examples: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
     blank_lines: int = 0
     outputs: List[str] = field(default_factory=list)
+    eod: str = "none"
 
     def format(self) -> str:
         rate = self.seconds if self.seconds > 0 else float("nan")
@@ -138,28 +165,13 @@ class Summary:
         for reason, count in sorted(self.skipped.items()):
             lines.append(f"  {reason}: {count}")
             lines.extend(f"    {where}" for where in self.examples[reason])
+        lines.append(f"end of document: {self.eod}")
         lines.extend(f"wrote {p}.bin/.idx" for p in self.outputs)
         return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
-# Workers: decode, parse and tokenize one batch.
-
-_worker: Dict[str, object] = {}
-
-
-def _init_worker(tokenizer_kwargs: Dict, keys: List[str], append_eod: bool, threads: int) -> None:
-    if threads == 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles interrupts
-    tokenizer = build_tokenizer(**tokenizer_kwargs)
-    tokenizer.num_threads = threads
-    _worker.update(
-        tokenizer=tokenizer,
-        keys=keys,
-        append_eod=append_eod,
-        dtype=DType.optimal_dtype(tokenizer.vocab_size),
-    )
+# Parsing (reader thread) and tokenizing (encoder thread) one batch.
 
 
 def _line_of(data: bytes, pos: int) -> int:
@@ -188,7 +200,7 @@ def _parse(batch: readers.Batch, keys: List[str]) -> Tuple[list, list, int]:
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as e:
-                    errors.append((loc, MALFORMED_JSON, e.msg))
+                    errors.append((loc, MALFORMED_JSON, f"{e.msg} (column {e.colno})"))
                     continue
                 if not isinstance(record, dict):
                     errors.append((loc, MALFORMED_JSON, "the line is not a JSON object"))
@@ -207,9 +219,9 @@ def _is_text(value) -> bool:
     )
 
 
-def _encode(batch: readers.Batch) -> dict:
-    tokenizer, keys = _worker["tokenizer"], _worker["keys"]
-    docs, errors, blank = _parse(batch, keys)
+def _encode(state: dict, batch: readers.Batch, docs: list, errors: list, blank: int) -> dict:
+    """Tokenizes the parsed documents of one batch into one token array per key."""
+    tokenizer, keys = state["tokenizer"], state["keys"]
     # Flatten every sentence of every key into one call of the library's batch encoder.
     texts, owners = [], []
     for d, (_, record) in enumerate(docs):
@@ -236,14 +248,14 @@ def _encode(batch: readers.Batch) -> dict:
             per_key_ids[k].append(ids)
     out_lengths = []
     for d in keep:
-        if _worker["append_eod"]:
+        if state["append_eod"]:
             for lens in lengths[d]:
                 lens[-1] += 1
         out_lengths.append(lengths[d])
     arrays = []
     for k in range(len(keys)):
         chunks = per_key_ids[k]
-        if _worker["append_eod"]:
+        if state["append_eod"]:
             # Insert the EOD after the last sentence of each kept document.
             chunks, it = [], iter(per_key_ids[k])
             for d in keep:
@@ -251,7 +263,16 @@ def _encode(batch: readers.Batch) -> dict:
                     chunks.append(next(it))
                 chunks.append([eod])
         flat = itertools.chain.from_iterable(chunks)
-        arrays.append(numpy.fromiter(flat, dtype=_worker["dtype"]))
+        arrays.append(numpy.fromiter(flat, dtype=numpy.int64))
+    max_id = max((int(a.max()) for a in arrays if a.size), default=-1)
+    if max_id >= state["vocab_size"] or any(a.size and int(a.min()) < 0 for a in arrays):
+        # A tokenizer bug or a wrong --vocab-size; training would crash in the embedding.
+        bad = next(i for i, a in enumerate(arrays) if a.size and int(a.max()) == max_id)
+        raise BadInputError(
+            f"{batch.source}: {OUT_OF_VOCABULARY}: id {max_id} in key {keys[bad]!r} is not below "
+            f"the vocabulary size {state['vocab_size']}."
+        )
+    arrays = [a.astype(state["dtype"]) for a in arrays]
     if batch.kind == "records":
         text_bytes = sum(len(t.encode("utf-8")) for t in texts)
     else:
@@ -264,84 +285,12 @@ def _encode(batch: readers.Batch) -> dict:
         blank=blank,
         text_bytes=text_bytes,
         input_bytes=batch.input_bytes,
+        max_id=max_id,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Output and progress.
-
-
-class AtomicIndexedWriter:
-    """An `IndexedDatasetBuilder` on temporary paths, renamed into place by `commit`.
-
-    `commit` removes any old `.idx` first, then renames `.bin`, then `.idx`: at every instant the
-    pair on disk is either the old complete one, an `.idx`-less one, or the new complete one.
-    """
-
-    def __init__(self, prefix: str, dtype) -> None:
-        self.prefix = prefix
-        self.tmp = f"{prefix}.tmp-{os.getpid()}"
-        directory = os.path.dirname(os.path.abspath(prefix))
-        os.makedirs(directory, exist_ok=True)
-        self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=dtype)
-
-    def add_document(self, tokens: numpy.ndarray, lengths: List[int]) -> None:
-        self.builder.add_document(tokens, lengths)
-
-    def commit(self) -> None:
-        self.builder.finalize(self.tmp + ".idx")
-        if os.path.exists(self.prefix + ".idx"):
-            os.remove(self.prefix + ".idx")
-        os.replace(self.tmp + ".bin", self.prefix + ".bin")
-        os.replace(self.tmp + ".idx", self.prefix + ".idx")
-
-    def abort(self) -> None:
-        try:
-            self.builder.data_file.close()
-        except Exception:
-            pass
-        for suffix in (".bin", ".idx"):
-            if os.path.exists(self.tmp + suffix):
-                os.remove(self.tmp + suffix)
-
-
-class Progress:
-    """Prints docs/s, MB/s, tokens/s and ETA every `interval` documents (to stderr)."""
-
-    def __init__(self, interval: int, total_input_bytes: int) -> None:
-        self.interval = interval
-        self.total = total_input_bytes
-        self.start = time.time()
-        self.next_report = interval
-        self.tty = sys.stderr.isatty()
-        self.input_bytes = 0
-
-    def update(self, summary: Summary, input_bytes: int) -> None:
-        self.input_bytes += input_bytes
-        if not self.interval or summary.documents < self.next_report:
-            return
-        self.next_report = (summary.documents // self.interval + 1) * self.interval
-        elapsed = max(time.time() - self.start, 1e-9)
-        eta = "?"
-        if self.total and self.input_bytes:
-            left = elapsed * max(self.total - self.input_bytes, 0) / self.input_bytes
-            eta = time.strftime("%H:%M:%S", time.gmtime(left))
-        done = f" {100 * self.input_bytes / self.total:5.1f}%" if self.total else ""
-        line = (
-            f"[preprocess]{done} {summary.documents} docs | {summary.documents / elapsed:.0f} "
-            f"docs/s | {summary.text_bytes / 1e6 / elapsed:.2f} MB/s | "
-            f"{summary.tokens / elapsed:.0f} tokens/s | ETA {eta}"
-        )
-        print(
-            ("\r" + line) if self.tty else line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self.tty and self.interval:
-            print(file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,77 +324,214 @@ def _batches(config: PreprocessConfig) -> Tuple[Iterator[readers.Batch], int]:
     return generate(), total
 
 
-def _bounded(iterable, semaphore: threading.Semaphore):
-    """Keeps the pool's task feeder at most a few batches ahead of the writer."""
-    for item in iterable:
-        semaphore.acquire()
+_END = object()
+_POLL_SECONDS = 0.1
+
+
+def _put(q: "queue.Queue", item, stop: threading.Event) -> bool:
+    """Puts unless the run is stopping; never blocks for longer than a poll interval."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL_SECONDS)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _thread(target, out: "queue.Queue", stop: threading.Event, name: str) -> threading.Thread:
+    """A daemon thread running `target`; its exception, if any, is handed on through `out`."""
+
+    def run():
+        try:
+            target()
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            _put(out, ("error", e), stop)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _results(config: PreprocessConfig, state: dict, batches, stop: threading.Event):
+    """Encoded batches in input order, from the reader and encoder threads.
+
+    Raises:
+        StalledError: No batch finished for `config.stall_timeout` seconds.
+    """
+    parsed: "queue.Queue" = queue.Queue(maxsize=4)
+    encoded: "queue.Queue" = queue.Queue(maxsize=4)
+
+    def read():
+        for batch in batches:
+            if stop.is_set() or not _put(parsed, (batch, *_parse(batch, config.json_keys)), stop):
+                return
+        _put(parsed, _END, stop)
+
+    def encode():
+        while not stop.is_set():
+            try:
+                item = parsed.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if item is _END or item[0] == "error":
+                _put(encoded, item, stop)
+                return
+            if not _put(encoded, _encode(state, *item), stop):
+                return
+
+    _thread(read, parsed, stop, "preprocess-reader")
+    _thread(encode, encoded, stop, "preprocess-encoder")
+    last = time.monotonic()
+    while True:
+        try:
+            item = encoded.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            if time.monotonic() - last > config.stall_timeout:
+                raise StalledError(
+                    f"No progress for {config.stall_timeout:g} s (reading, parsing or "
+                    "tokenizing is stuck; a stalled input such as a pipe or network file?); "
+                    "stopped. Raise --stall-timeout if batches are legitimately that slow."
+                ) from None
+            continue
+        if item is _END:
+            return
+        if isinstance(item, tuple) and item[0] == "error":
+            raise item[1]
+        last = time.monotonic()
         yield item
-
-
-def _results(config: PreprocessConfig, batches) -> Iterator[dict]:
-    if config.workers == 1:
-        _init_worker(
-            config.tokenizer_kwargs, config.json_keys, config.append_eod, os.cpu_count() or 1
-        )
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        yield from map(_encode, batches)
-        return
-    semaphore = threading.Semaphore(4 * config.workers)
-    context = multiprocessing.get_context("fork")
-    with context.Pool(
-        config.workers,
-        initializer=_init_worker,
-        initargs=(config.tokenizer_kwargs, config.json_keys, config.append_eod, 1),
-    ) as pool:
-        for result in pool.imap(_encode, _bounded(batches, semaphore)):
-            semaphore.release()
-            yield result
 
 
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _self_check(tokenizer, first: list, failures: list) -> Optional[threading.Thread]:
+    """Compares the fast path with transformers on the first documents, in a thread (importing
+    transformers takes seconds; the check overlaps the run and is awaited before commit)."""
+    if not hasattr(tokenizer, "check_against_transformers") or not first:
+        return None
+
+    def check():
+        try:
+            tokenizer.check_against_transformers(first)
+        except BaseException as e:  # reported by the main thread before commit
+            failures.append(e)
+
+    thread = threading.Thread(target=check, name="preprocess-self-check", daemon=True)
+    thread.start()
+    return thread
+
+
+def _first_texts(batches, keys, sink: list):
+    """Passes batches through, keeping a few texts of the first ones for the self-check."""
+    for batch in batches:
+        if len(sink) < SELF_CHECK_DOCUMENTS:
+            docs = _parse(batch, keys)[0]
+            for _, record in docs[:SELF_CHECK_DOCUMENTS]:
+                value = record[keys[0]]
+                sink.extend([value] if isinstance(value, str) else value[:1])
+        yield batch
+
+
 def preprocess(config: PreprocessConfig) -> Summary:
     """Tokenizes the configured corpus (or shard of it) into indexed datasets.
 
     Raises:
-        BadInputError: A bad document with `on_error="fail"`.
+        BadInputError: A bad document with `on_error="fail"`, or no documents at all.
+        StalledError: No progress for `config.stall_timeout` seconds.
         ValueError, FileNotFoundError, ImportError: Bad configuration or unreadable input.
+        KeyboardInterrupt: SIGINT or SIGTERM.
     """
+    # The library's native thread pool is sized once, at first use, by RAYON_NUM_THREADS.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(config.workers))
     tokenizer = build_tokenizer(**config.tokenizer_kwargs)
+    tokenizer.num_threads = config.workers
+    if config.append_eod:
+        tokenizer.eod  # noqa: B018  (raises, naming --eod-token, when there is none)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    del tokenizer  # workers build their own; the library's thread pools do not survive fork
+    state = dict(
+        tokenizer=tokenizer,
+        keys=config.json_keys,
+        append_eod=config.append_eod,
+        dtype=dtype,
+        vocab_size=tokenizer.vocab_size,
+    )
     batches, total_bytes = _batches(config)
-    summary, progress = Summary(), Progress(config.log_interval, total_bytes)
-    writers = {k: AtomicIndexedWriter(p, dtype) for k, p in config.output_prefixes().items()}
+    check_texts, failures = [], []
+    batches = _first_texts(batches, config.json_keys, check_texts)
+    summary = Summary(eod=tokenizer.eod_source)
+    progress = Progress(config.log_interval, total_bytes)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    stop, lock, writers, checker = threading.Event(), None, {}, None
     try:
-        for result in _results(config, batches):
-            _record_errors(config, summary, result)
-            for k, key in enumerate(config.json_keys):
-                tokens, offset = result["arrays"][k], 0
-                for lengths in result["lengths"]:
-                    size = sum(lengths[k])
-                    writers[key].add_document(tokens[offset : offset + size], lengths[k])
-                    offset += size
-                summary.tokens += offset
-            summary.documents += len(result["lengths"])
-            summary.text_bytes += result["text_bytes"]
-            summary.blank_lines += result["blank"]
+        lock = PrefixLock(config.output_prefix)
+        writers = {k: AtomicIndexedWriter(p, dtype) for k, p in config.output_prefixes().items()}
+        max_id = -1
+        for result in _results(config, state, batches, stop):
+            if checker is None:
+                checker = _self_check(tokenizer, check_texts, failures) or False
+            _write(config, summary, writers, result)
+            max_id = max(max_id, result["max_id"])
             progress.update(summary, result["input_bytes"])
-        for writer in writers.values():
-            writer.commit()
+        if summary.documents == 0:
+            raise BadInputError(
+                f"{', '.join(config.input) or config.hf_dataset}: no documents to write (empty "
+                "input, or every document skipped); the existing output, if any, is kept."
+            )
+        if checker:
+            checker.join(timeout=config.stall_timeout)
+            if failures:
+                raise failures[0]
+        for key, writer in writers.items():
+            writer.commit(_metadata(config, tokenizer, summary, max_id))
         summary.outputs = list(config.output_prefixes().values())
     except BaseException:
+        stop.set()
+        # A second signal must not interrupt the clean-up.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for writer in writers.values():
             writer.abort()
         raise
     finally:
+        stop.set()
+        if lock is not None:
+            lock.release()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         progress.close()
     summary.seconds = time.time() - progress.start
     return summary
+
+
+def _write(config: PreprocessConfig, summary: Summary, writers: dict, result: dict) -> None:
+    _record_errors(config, summary, result)
+    for k, key in enumerate(config.json_keys):
+        tokens, offset = result["arrays"][k], 0
+        for lengths in result["lengths"]:
+            size = sum(lengths[k])
+            writers[key].add_document(tokens[offset : offset + size], lengths[k])
+            offset += size
+        summary.tokens += offset
+    summary.documents += len(result["lengths"])
+    summary.text_bytes += result["text_bytes"]
+    summary.blank_lines += result["blank"]
+
+
+def _metadata(config: PreprocessConfig, tokenizer, summary: Summary, max_id: int) -> dict:
+    """The sidecar: what training checks against its model before using the data."""
+    return dict(
+        format="megatron-loopmdm indexed dataset metadata",
+        version=1,
+        tokenizer_type=config.tokenizer_type,
+        tokenizer_model=config.tokenizer_model or config.vocab_file,
+        vocab_size=tokenizer.vocab_size,
+        max_token_id=max_id,
+        eod_id=tokenizer._eod,
+        append_eod=config.append_eod,
+        num_documents=summary.documents,
+    )
 
 
 def _record_errors(config: PreprocessConfig, summary: Summary, result: dict) -> None:
@@ -453,7 +539,7 @@ def _record_errors(config: PreprocessConfig, summary: Summary, result: dict) -> 
         where = f"{result['source']}:{line}: {reason}: {detail}"
         if config.on_error == "fail":
             raise BadInputError(
-                f"{where}\n(use --on-error skip to skip bad documents and report them at the end)"
+                f"{where} (use --on-error skip to skip bad documents and report them at the end)"
             )
         summary.skipped[reason] += 1
         if len(summary.examples[reason]) < 5:
@@ -480,39 +566,15 @@ def default_shard(environ=os.environ) -> Tuple[int, int]:
 
 
 def run_partitions(config: PreprocessConfig, partitions: int) -> Summary:
-    """Megatron-LM's `--partitions`: split the input `partitions` ways, run them as parallel
-    processes sharing the workers, then merge, which gives the same files as one run."""
-    from megatron_loopmdm.data.merge import merge_indexed_datasets
+    """Megatron-LM's `--partitions`, accepted for its command lines.
 
-    if partitions == 1:
-        return preprocess(config)
-    if config.num_shards != 1:
+    Megatron-LM splits the input into `partitions` files, runs a process pool on each and merges.
+    Here one process already encodes on `workers` native threads, so partitions would add only
+    start-up and merge time (and partial files); the run is the single run, whose files equal
+    Megatron-LM's merged ones. Across processes or nodes, use `--num-shards`.
+    """
+    if partitions < 1:
+        raise ValueError("--partitions must be at least 1.")
+    if partitions > 1 and config.num_shards != 1:
         raise ValueError("--partitions and --num-shards > 1 cannot be combined.")
-    parts = []
-    for i in range(partitions):
-        part = PreprocessConfig(**{**config.__dict__})
-        part.output_prefix = shard_output_prefix(config.output_prefix + ".partial", i, partitions)
-        part.shard_index, part.num_shards = i, partitions
-        part.workers = max(1, config.workers // partitions)
-        parts.append(part)
-    # Not a Pool: its daemonic processes could not start each partition's own workers.
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(partitions, mp_context=context) as executor:
-        summaries = list(executor.map(preprocess, parts))
-    total = Summary()
-    for s in summaries:
-        total.documents += s.documents
-        total.tokens += s.tokens
-        total.text_bytes += s.text_bytes
-        total.seconds = max(total.seconds, s.seconds)
-        total.skipped.update(s.skipped)
-        for reason, examples in s.examples.items():
-            total.examples[reason].extend(examples)
-    for key, prefix in config.output_prefixes().items():
-        inputs = [p.output_prefixes()[key] for p in parts]
-        merge_indexed_datasets(inputs, prefix)
-        for p in inputs:
-            os.remove(p + ".bin")
-            os.remove(p + ".idx")
-        total.outputs.append(prefix)
-    return total
+    return preprocess(config)

@@ -53,6 +53,12 @@ def _require_file(path: Optional[str], what: str, flag: str) -> str:
     return path
 
 
+def _fast_batch(backend):
+    """`encode_batch_fast` (tokenizers >= 0.21: the same ids, no character offsets), else
+    `encode_batch`."""
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+
 class _TokenizerBase(MegatronTokenizerBase):
     """Shared plumbing; subclasses set `_eod`, `_pad`, `_mask` and implement encode/decode."""
 
@@ -64,6 +70,8 @@ class _TokenizerBase(MegatronTokenizerBase):
         self._eod: Optional[int] = None
         self._pad: Optional[int] = None
         self._mask: Optional[int] = None
+        self.eod_source = "none"
+        """Which token is the end of document, for the log (e.g. "sep_token '[SEP]' (id 3)")."""
         self.num_threads = os.cpu_count() or 1
         """Threads the batch encoder may use; preprocessing sets 1 in its worker processes."""
 
@@ -86,8 +94,29 @@ class _TokenizerBase(MegatronTokenizerBase):
     def eod(self) -> int:
         """End-of-document id, appended by `--append-eod` and used as the packing separator."""
         if self._eod is None:
-            raise ValueError(f"{type(self).__name__} at {self.path} has no end-of-document token.")
+            raise ValueError(
+                f"{type(self).__name__} at {self.path} has no end-of-document token (no EOS or "
+                "SEP); pass --eod-token with a token of its vocabulary."
+            )
         return self._eod
+
+    def set_eod_token(self, token: str) -> None:
+        """Uses `token` (a token string of the vocabulary) as the end of document (`--eod-token`).
+
+        Raises:
+            ValueError: `token` is not a single token of the vocabulary.
+        """
+        token_id = self._token_id(token)
+        if token_id is None:
+            raise ValueError(
+                f"--eod-token {token!r} is not a token of the {type(self).__name__} at "
+                f"{self.path}; name one token of its vocabulary."
+            )
+        self._eod = token_id
+        self.eod_source = f"--eod-token {token!r} (id {token_id})"
+
+    def _token_id(self, token: str) -> Optional[int]:  # pragma: no cover
+        raise NotImplementedError
 
     @property
     def pad(self) -> int:
@@ -154,16 +183,26 @@ class HuggingFaceTokenizer(_TokenizerBase):
             from tokenizers import Tokenizer
 
             self._backend = Tokenizer.from_file(tokenizer_json)
-            ids = {n: _special_token(config, n) for n in ("eos_token", "pad_token", "mask_token")}
-            self._eod, self._pad, self._mask = (
-                None if ids[n] is None else self._backend.token_to_id(ids[n])
-                for n in ("eos_token", "pad_token", "mask_token")
-            )
+            names = ("eos_token", "sep_token", "pad_token", "mask_token")
+            tokens = {n: _special_token(config, n) for n in names}
+            ids = {n: t and self._backend.token_to_id(t) for n, t in tokens.items()}
             self._vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
         else:
-            self._load_with_transformers(path)
+            tokens, ids = self._load_with_transformers(path)
+        # transformers' `tokenizer(text)` applies neither the truncation nor the padding a
+        # tokenizer.json may carry (BERT-like ones often hold max_length 128); the raw backend
+        # would apply both and silently cut or pad every document.
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self._pad, self._mask = ids["pad_token"], ids["mask_token"]
+        # Megatron-LM's HuggingFaceTokenizer: EOS, else SEP (it sets eos_token = sep_token).
+        for name in ("eos_token", "sep_token"):
+            if ids[name] is not None:
+                self._eod = ids[name]
+                self.eod_source = f"{name} {tokens[name]!r} (id {ids[name]})"
+                break
 
-    def _load_with_transformers(self, path: str) -> None:
+    def _load_with_transformers(self, path: str):
         from transformers import AutoTokenizer
 
         try:
@@ -172,12 +211,43 @@ class HuggingFaceTokenizer(_TokenizerBase):
             raise ValueError(f"Cannot load a Hugging Face tokenizer from {path}: {e}") from e
         if not hf.is_fast:
             raise ValueError(f"{path} holds a slow (Python) tokenizer; convert it to a fast one.")
-        self._backend = hf.backend_tokenizer
-        self._eod, self._pad, self._mask = hf.eos_token_id, hf.pad_token_id, hf.mask_token_id
+        from tokenizers import Tokenizer
+
+        # A copy, so that switching truncation and padding off does not touch `hf`.
+        self._backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())
         self._vocab_size = len(hf)
+        names = ("eos_token", "sep_token", "pad_token", "mask_token")
+        tokens = {n: getattr(hf, n, None) for n in names}
+        ids = {n: None if t is None else hf.convert_tokens_to_ids(t) for n, t in tokens.items()}
+        return tokens, ids
+
+    def check_against_transformers(self, texts: Sequence[str]) -> None:
+        """Checks that `encode_batch` gives `AutoTokenizer(path)(text)["input_ids"]` (what
+        Megatron-LM's tool writes) for `texts`.
+
+        Raises:
+            ValueError: The ids differ, naming the tokenizer and the first differing text.
+        """
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # "sequence longer than model_max_length" is expected
+        hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        for text, ids in zip(texts, self.encode_batch(list(texts))):
+            expected = hf(text)["input_ids"]
+            if ids != expected:
+                raise ValueError(
+                    f"The Hugging Face tokenizer at {self.path} encodes differently through the "
+                    f"tokenizers library ({len(ids)} ids) than through transformers "
+                    f"({len(expected)} ids) for the text starting {text[:40]!r}; report this "
+                    "tokenizer."
+                )
+
+    def _token_id(self, token: str) -> Optional[int]:
+        return self._backend.token_to_id(token)
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
+        return [e.ids for e in _fast_batch(self._backend)(list(texts), add_special_tokens=True)]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
@@ -195,7 +265,8 @@ class GPT2BPETokenizer(_TokenizerBase):
     """GPT-2 byte-level BPE from a `vocab.json` and `merges.txt` (Megatron-LM's GPT2BPETokenizer).
 
     Encoded with the `tokenizers` library's byte-level BPE, which uses GPT-2's regex and byte map;
-    `<|endoftext|>` in text is ordinary text, and the vocabulary size is the number of entries in
+    `<|endoftext|>` in text is that special token (as with transformers' GPT-2 tokenizer, which
+    Megatron-LM uses), and the vocabulary size is the number of entries in
     `vocab.json`, as in Megatron-LM.
     """
 
@@ -216,9 +287,18 @@ class GPT2BPETokenizer(_TokenizerBase):
         if EOD_TEXT not in self._vocab:
             raise ValueError(f"{vocab_file} has no '{EOD_TEXT}' entry to use as end of document.")
         self._eod = self._vocab[EOD_TEXT]
+        self.eod_source = f"{EOD_TEXT!r} (id {self._eod})"
+        # Megatron-LM encodes through transformers' GPT-2 tokenizer, for which <|endoftext|> in
+        # a text is the special token, not its characters.
+        from tokenizers import AddedToken
+
+        self._backend.add_special_tokens([AddedToken(EOD_TEXT, special=True)])
+
+    def _token_id(self, token: str) -> Optional[int]:
+        return self._vocab.get(token)
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in _fast_batch(self._backend)(list(texts), add_special_tokens=False)]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
@@ -247,12 +327,16 @@ class GPTSentencePieceTokenizer(_TokenizerBase):
             self._sp = spm.SentencePieceProcessor(model_file=model_file)
         except Exception as e:
             raise ValueError(f"{model_file} is not a SentencePiece model: {e}") from e
-        if self._sp.eos_id() < 0:
-            raise ValueError(f"SentencePiece model {model_file} has no EOS piece for end of doc.")
-        self._eod = self._sp.eos_id()
+        self._eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self._pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
         mask = self._sp.piece_to_id(mask_piece)
         self._mask = mask if mask != self._sp.unk_id() else None
+        if self._eod is not None:
+            self.eod_source = f"EOS piece {self._sp.id_to_piece(self._eod)!r} (id {self._eod})"
+
+    def _token_id(self, token: str) -> Optional[int]:
+        token_id = self._sp.piece_to_id(token)
+        return None if token_id == self._sp.unk_id() and token != "<unk>" else token_id
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
@@ -270,23 +354,41 @@ class GPTSentencePieceTokenizer(_TokenizerBase):
 
 
 class TikTokenizer(_TokenizerBase):
-    """A tiktoken encoding: a named one (`cl100k_base`, from tiktoken's cache) or a rank file.
+    """A tiktoken encoding: a named one (`cl100k_base`, from tiktoken's cache), a rank file, or
+    Megatron-LM's JSON vocabulary.
 
-    A rank file is tiktoken's own format (one `base64-token rank` per line); `<|endoftext|>` and
-    `<|mask|>` are added after the ranks. Text is encoded as ordinary text (special-token strings
-    in documents are not special). Megatron-LM's TikTokenizer offsets ids by a block of reserved
-    special tokens, so its ids differ from these.
+    * A `.json` file is Megatron-LM's TikTokenizer layout, encoded by megatron-core's own
+      `TikTokenTokenizer`: ids 0..num_special_tokens-1 are special (`</s>`, id 2, is the end of
+      document), the ranks follow, the vocabulary is cut to `vocab_size`, patterns `v1`/`v2`
+      (default `v2`), and special-token strings in text are special (`allowed_special="all"`).
+      Its files are byte-identical to Megatron-LM's.
+    * A rank file is tiktoken's own format (one `base64-token rank` per line); `<|endoftext|>` and
+      `<|mask|>` are added after the ranks, and text is encoded as ordinary text.
 
     Args:
-        model: An encoding name or a path to a rank file (`--tokenizer-model`).
-        pattern: Pre-tokenisation regex or one of `TIKTOKEN_PATTERNS` for rank files.
+        model: An encoding name or a path to a rank or JSON file (`--tokenizer-model`).
+        pattern: Pre-tokenisation regex, or one of `TIKTOKEN_PATTERNS` (rank files) or `v1`/`v2`
+            (JSON files); None for the default (cl100k; v2 for JSON).
+        vocab_size: Megatron-LM's `--vocab-size` for JSON files (default 131072).
+        num_special_tokens: Megatron-LM's `--tiktoken-num-special-tokens` for JSON files.
     """
 
-    def __init__(self, model: str, pattern: str = "cl100k") -> None:
+    def __init__(
+        self,
+        model: str,
+        pattern: Optional[str] = None,
+        vocab_size: Optional[int] = None,
+        num_special_tokens: int = 1000,
+    ) -> None:
         if not model:
             raise ValueError("TikTokenizer needs --tokenizer-model (an encoding name or file).")
         super().__init__(model, pattern=pattern)
         tiktoken = _require("tiktoken", "TikTokenizer")
+        self._allowed_special = None
+        if model.endswith(".json") and os.path.exists(model):
+            self._load_megatron_json(model, pattern, vocab_size, num_special_tokens)
+            return
+        pattern = pattern or "cl100k"
         if os.path.exists(model):
             import tiktoken.load
 
@@ -311,8 +413,42 @@ class TikTokenizer(_TokenizerBase):
                     f"offline ({e}). Pass a rank file, or set TIKTOKEN_CACHE_DIR to a cache."
                 ) from e
         self._eod = self._enc.eot_token
+        self._vocab_size = self._enc.n_vocab
+        self.eod_source = f"{EOD_TEXT!r} (id {self._eod})"
+
+    def _load_megatron_json(self, model, pattern, vocab_size, num_special_tokens) -> None:
+        from megatron.core.tokenizers.text.libraries.tiktoken_tokenizer import TikTokenTokenizer
+
+        try:
+            lib = TikTokenTokenizer(
+                model,
+                num_special_tokens=num_special_tokens,
+                pattern=pattern or "v2",
+                vocab_size=vocab_size or 131072,
+            )
+        except (AssertionError, ValueError) as e:
+            raise ValueError(
+                f"Cannot load the Megatron-LM tiktoken vocabulary {model} ({e or 'bad layout'}); "
+                "check --vocab-size (at most its entries + --tiktoken-num-special-tokens) and "
+                "--tiktoken-pattern (v1 or v2)."
+            ) from e
+        self._enc = lib.tokenizer
+        self._allowed_special = "all"
+        self._eod, self._pad, self._mask = lib.eos_id, lib.pad_id, lib.mask_id
+        self._vocab_size = lib.vocab_size
+        self.eod_source = f"'</s>' (id {self._eod})"
+
+    def _token_id(self, token: str) -> Optional[int]:
+        try:
+            return self._enc.encode_single_token(token)
+        except KeyError:
+            return None
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        if self._allowed_special:
+            return self._enc.encode_batch(
+                list(texts), allowed_special="all", num_threads=self.num_threads
+            )
         return self._enc.encode_ordinary_batch(list(texts), num_threads=self.num_threads)
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -324,7 +460,7 @@ class TikTokenizer(_TokenizerBase):
 
     @property
     def vocab_size(self) -> int:
-        return self._enc.n_vocab
+        return self._vocab_size
 
 
 def build_tokenizer(
@@ -332,31 +468,44 @@ def build_tokenizer(
     tokenizer_model: Optional[str] = None,
     vocab_file: Optional[str] = None,
     merge_file: Optional[str] = None,
-    tiktoken_pattern: str = "cl100k",
+    tiktoken_pattern: Optional[str] = None,
+    eod_token: Optional[str] = None,
+    vocab_size: Optional[int] = None,
+    tiktoken_num_special_tokens: int = 1000,
 ) -> _TokenizerBase:
     """Builds a tokenizer from Megatron-LM-style arguments.
 
     Args:
         tokenizer_type: One of `TOKENIZER_TYPES`.
-        tokenizer_model: HF directory, SentencePiece model, or tiktoken name/rank file.
+        tokenizer_model: HF directory, SentencePiece model, or tiktoken name/rank/JSON file.
         vocab_file: GPT-2 `vocab.json` (GPT2BPETokenizer).
         merge_file: GPT-2 `merges.txt` (GPT2BPETokenizer).
-        tiktoken_pattern: Pre-tokenisation regex name or pattern for tiktoken rank files.
+        tiktoken_pattern: Pre-tokenisation regex or name for tiktoken files (None: default).
+        eod_token: A token string to use as end of document instead of the tokenizer's own.
+        vocab_size: Megatron-LM's `--vocab-size` for tiktoken JSON vocabularies.
+        tiktoken_num_special_tokens: Special ids before the ranks in tiktoken JSON vocabularies.
 
     Raises:
         ValueError: Unknown type, missing argument or unreadable model.
         FileNotFoundError: A named file or directory does not exist.
     """
     if tokenizer_type == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(
+        tokenizer = HuggingFaceTokenizer(
             _require_file(tokenizer_model, "The tokenizer directory", "--tokenizer-model")
         )
-    if tokenizer_type == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(vocab_file, merge_file)
-    if tokenizer_type in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):
-        return GPTSentencePieceTokenizer(tokenizer_model)
-    if tokenizer_type == "TikTokenizer":
-        return TikTokenizer(tokenizer_model, tiktoken_pattern)
-    raise ValueError(
-        f"Unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}."
-    )
+    elif tokenizer_type == "GPT2BPETokenizer":
+        tokenizer = GPT2BPETokenizer(vocab_file, merge_file)
+    elif tokenizer_type in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):
+        tokenizer = GPTSentencePieceTokenizer(tokenizer_model)
+    elif tokenizer_type == "TikTokenizer":
+        tokenizer = TikTokenizer(
+            tokenizer_model, tiktoken_pattern, vocab_size, tiktoken_num_special_tokens
+        )
+    else:
+        raise ValueError(
+            f"Unknown --tokenizer-type {tokenizer_type!r}; choose one of "
+            f"{', '.join(TOKENIZER_TYPES)}."
+        )
+    if eod_token is not None:
+        tokenizer.set_eod_token(eod_token)
+    return tokenizer

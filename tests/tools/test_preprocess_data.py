@@ -389,7 +389,8 @@ def test_bad_input_is_reported_with_file_line_and_exit_code(tmp_path, tokenizer_
     )
     results = run_tools(commands)
     for n, ((reason, _), r) in enumerate(zip(BAD_CASES.items(), results)):
-        assert r.returncode == 65, (reason, r.stderr)
+        assert r.returncode == 2, (reason, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"bad{n}.jsonl:3: {reason}" in r.stderr, r.stderr
         assert "--on-error skip" in r.stderr and "Traceback" not in r.stderr
         assert not list(tmp_path.glob(f"out{n}*")), "a failed run leaves no output"
