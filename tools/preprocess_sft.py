@@ -10,7 +10,7 @@ data/sft_loss_mask.{bin,idx} (1 on response tokens), for `pretrain_loopmdm.py --
 data/sft`. Across nodes, run one process per shard (--shard-index/--num-shards, defaulting
 from SLURM or torchrun variables); join shards with tools/merge_datasets.py, once per suffix.
 
-Exit codes: 0 done; 2 bad arguments, tokenizer or unreadable input; 65 a bad example with
+Exit codes: 0 done; 2 bad arguments, tokenizer, unreadable input, or a bad example with
 --on-error fail. No complete-looking output is left unless the run finished.
 """
 

@@ -79,7 +79,7 @@ def test_bad_lines_name_the_line_or_are_skipped_and_counted(tmp_path, tok, capsy
     common = ["--input", jsonl, "--output-prefix", tmp_path / "out", "--tokenizer-type",
               "HuggingFaceTokenizer", "--tokenizer-model", tok]  # fmt: skip
     result = tool("preprocess_sft.py", *common, check=False)  # a real process: its exit code
-    assert result.returncode == 65
+    assert result.returncode == 2
     assert "bad.jsonl:2: expected string fields `prompt` and `response`" in result.stderr
     assert not (tmp_path / "out_text_document.idx").exists()
     assert run_preprocess_sft(*common, "--on-error", "skip", "--max-length", 3) == 0
