@@ -65,7 +65,7 @@ class Scale:
 SCALES = {
     "cpu": Scale(),
     "smoke": Scale(
-        tasks=("addition", "variable_lookup"), levels=(1, 2), train_per_level=8,
+        tasks=("addition", "variable_lookup"), levels=(1,), train_per_level=8,
         validation_per_level=2, test_per_level=2, hidden_size=32, num_layers=3, max_loops=2,
         steps=3, batch_size=8, nelbo_samples=1,
     ),  # fmt: skip
