@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                 loops = spec.max_loops
                 out = work / "eval" / f"{spec.name}-seed{seed}-steps{steps}"
                 accuracy = kit.exact_match(run, paths, [loops], out)[loops]
-                nelbo = kit.validation_nelbo(run, paths, [loops], scale)[loops]
+                nelbo = kit.validation_nelbo(run, paths, [loops], scale, out)[loops]
                 rows.append({"model": spec.name, "regime": regime, "seed": seed, "steps": steps,
                              "train_flops": run["train_flops"], "exact_match": accuracy,
                              "val_nelbo": nelbo, "num_loops": loops})  # fmt: skip

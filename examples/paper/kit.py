@@ -230,27 +230,48 @@ def _evaluate_tool():
     return module
 
 
+def _cached(out: Path, kind: str, num_loops: Sequence[int], compute) -> Dict[int, float]:
+    """{S: value} from OUT/scores.json if every S is there, else computed and stored."""
+    path = out / "scores.json"
+    scores = json.loads(path.read_text()) if path.is_file() else {}
+    have = {int(k): v for k, v in scores.get(kind, {}).items()}
+    if not all(s in have for s in num_loops):
+        have.update(compute())
+        scores[kind] = have
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(scores, indent=1) + "\n")
+    return {s: have[s] for s in num_loops}
+
+
 def exact_match(run: Dict, paths: Dict, num_loops: Sequence[int], out: Path) -> Dict[int, float]:
     """`tools/evaluate.py exact-match` on the test split -> {S: exact match over all tasks}."""
-    argv = ["exact-match", "--load", run["dir"], "--data", str(paths["test"]),
-            "--num-loops", *map(str, num_loops), "--output-dir", str(out)]  # fmt: skip
-    if _evaluate_tool().main(argv) != 0:
-        raise RuntimeError(f"tools/evaluate.py {' '.join(argv)} failed")
-    rows = json.loads((out / "exact_match.json").read_text())["rows"]
-    return {r["num_loops"]: r["exact_match"] for r in rows if r["task"] == r["difficulty"] == "all"}
+
+    def compute():
+        argv = ["exact-match", "--load", run["dir"], "--data", str(paths["test"]),
+                "--num-loops", *map(str, num_loops), "--output-dir", str(out)]  # fmt: skip
+        if _evaluate_tool().main(argv) != 0:
+            raise RuntimeError(f"tools/evaluate.py {' '.join(argv)} failed")
+        rows = json.loads((out / "exact_match.json").read_text())["rows"]
+        return {r["num_loops"]: r["exact_match"] for r in rows
+                if r["task"] == r["difficulty"] == "all"}  # fmt: skip
+
+    return _cached(out, "exact_match", num_loops, compute)
 
 
-def validation_nelbo(run: Dict, paths: Dict, num_loops: Sequence[int], scale) -> Dict[int, float]:
+def validation_nelbo(run: Dict, paths: Dict, num_loops, scale, out: Path) -> Dict[int, float]:
     """Answer NELBO (nats per answer token) on the validation split -> {S: nelbo}."""
     from megatron_loopmdm.hf import load_for_inference
 
-    model = load_for_inference(run["dir"])
-    tokenizer = _tokenizer(paths)
-    rows = answer_nelbo_per_loops(
-        model, read_examples(paths["validation"]), tokenizer.tokenize, num_loops, tokenizer.eod,
-        scale.nelbo_samples, seed=0,
-    )  # fmt: skip
-    return {r["num_loops"]: r["nelbo"] for r in rows}
+    def compute():
+        model = load_for_inference(run["dir"])
+        tokenizer = _tokenizer(paths)
+        rows = answer_nelbo_per_loops(
+            model, read_examples(paths["validation"]), tokenizer.tokenize, num_loops,
+            tokenizer.eod, scale.nelbo_samples, seed=0,
+        )  # fmt: skip
+        return {r["num_loops"]: r["nelbo"] for r in rows}
+
+    return _cached(out, "val_nelbo", num_loops, compute)
 
 
 def mean_std(values: Sequence[float]) -> tuple:

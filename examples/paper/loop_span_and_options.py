@@ -42,9 +42,10 @@ def main(argv=None) -> int:
             run = kit.train(spec, scale, paths, work, seed, scale.steps)
             out = work / "eval" / f"{spec.name}-seed{seed}-steps{scale.steps}"
             s = spec.max_loops
+            accuracy = kit.exact_match(run, paths, [s], out)[s]
+            nelbo = kit.validation_nelbo(run, paths, [s], scale, out)[s]
             rows.append({"variant": spec.name, "loop_layers": f"{spec.loop_layers}", "seed": seed,
-                         "exact_match": kit.exact_match(run, paths, [s], out)[s],
-                         "val_nelbo": kit.validation_nelbo(run, paths, [s], scale)[s]})  # fmt: skip
+                         "exact_match": accuracy, "val_nelbo": nelbo})  # fmt: skip
     summary = kit.summarize(rows, ["variant", "loop_layers"], ["exact_match", "val_nelbo"])
     columns = ["variant", "loop_layers", "seeds", "exact_match", "exact_match_std",
                "exact_match_min", "exact_match_max", "val_nelbo", "val_nelbo_std"]  # fmt: skip

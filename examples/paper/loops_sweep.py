@@ -21,7 +21,7 @@ def main(argv=None) -> int:
         run = kit.train(spec, scale, paths, work, seed, scale.steps)
         out = work / "eval" / f"sweep-seed{seed}-steps{scale.steps}"
         accuracy = kit.exact_match(run, paths, loops, out)
-        nelbo = kit.validation_nelbo(run, paths, loops, scale)
+        nelbo = kit.validation_nelbo(run, paths, loops, scale, out)
         rows += [{"model": "loopmdm", "seed": seed, "num_loops": s, "exact_match": accuracy[s],
                   "val_nelbo": nelbo[s]} for s in loops]  # fmt: skip
     summary = kit.summarize(rows, ["model", "num_loops"], ["exact_match", "val_nelbo"])
