@@ -46,12 +46,79 @@ class TorchNorm:
         return norm
 
 
+SEGMENTS_ATTRIBUTE = "loopmdm_segments"
+
+
+def attach_document_segments(attention_mask: Tensor, document_ids: Tensor, valid: Tensor) -> Tensor:
+    """Attaches to a per-document mask the segments it allows, so attention can skip it on CPU.
+
+    A dense boolean mask sends CPU `scaled_dot_product_attention` to a slow path, and most of
+    it is masked anyway. Segments are the runs of one document id among `valid` positions;
+    those of equal length are attended as one batch without a mask (`SDPAttention`). Computed
+    once per micro-batch, read by every layer and loop. Only for contiguous documents, as
+    `megatron_loopmdm.data` produces them.
+
+    Args:
+        attention_mask: bool [b, 1, s, s], True = not attended; returned with the attribute.
+        document_ids: int64 [b, s].
+        valid: bool [b, s], positions that take part (padding attends nothing).
+
+    Returns:
+        `attention_mask`, carrying a list of int64 [n_L, L] flat-position index tensors.
+    """
+    b, s = document_ids.shape
+    ids = torch.where(valid, document_ids, torch.full_like(document_ids, -1))
+    starts = torch.ones(b, s, dtype=torch.bool, device=ids.device)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    first = starts.reshape(-1).nonzero().squeeze(1)  # flat start positions
+    lengths = torch.diff(first, append=torch.tensor([b * s], device=first.device))
+    keep = ids.reshape(-1)[first] >= 0
+    first, lengths = first[keep], lengths[keep]
+    segments = []
+    for length in torch.unique(lengths).tolist():
+        starts_l = first[lengths == length]
+        segments.append(starts_l[:, None] + torch.arange(length, device=first.device))
+    setattr(attention_mask, SEGMENTS_ATTRIBUTE, segments)
+    return attention_mask
+
+
+def _segmented_attention(q, k, v, segments, scale, dropout_p) -> Tensor:
+    """Attention within each segment, without a mask; positions in no segment get zeros.
+
+    q [s, b, np, hn], k/v [s, b, ng, hn] -> [s, b, np * hn].
+    """
+    s, b, np_, hn = q.shape
+    gqa = k.size(2) != np_
+    if len(segments) == 1 and segments[0].numel() == b * s:
+        # Equal documents tiling every row: a reshape, no gather.
+        n, length = segments[0].shape
+        q, k, v = (x.transpose(0, 1).reshape(n, length, -1, hn).transpose(1, 2) for x in (q, k, v))
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+        return context.transpose(1, 2).reshape(b, s, np_ * hn).transpose(0, 1).contiguous()
+    # [s, b, heads, hn] -> [b * s, heads, hn]
+    flat = [x.transpose(0, 1).reshape(b * s, -1, hn) for x in (q, k, v)]
+    out = q.new_zeros(b * s, np_, hn)
+    for index in segments:
+        n, length = index.shape
+        # [n * L, heads, hn] -> [n, heads, L, hn]
+        qs, ks, vs = (x[index.reshape(-1)].view(n, length, -1, hn).transpose(1, 2) for x in flat)
+        context = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+        out = out.index_copy(0, index.reshape(-1), context.transpose(1, 2).reshape(-1, np_, hn))
+    return out.view(b, s, np_ * hn).transpose(0, 1).contiguous()
+
+
 class SDPAttention(MegatronModule):
     """Bidirectional core attention through `scaled_dot_product_attention`.
 
     Grouped-query attention is native (`enable_gqa`), so keys and values are not repeated.
     `attention_mask`, when given, is megatron's boolean convention: shape [b, 1, sq or 1, sk],
-    True where attention is *not* allowed (padding).
+    True where attention is *not* allowed (padding). On CPU, a per-document mask that carries
+    its segments (`attach_document_segments`) is attended segment by segment instead; on GPU
+    the fused kernels take the dense mask as before.
     """
 
     def __init__(
@@ -87,6 +154,10 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("SDPAttention does not support packed sequences.")
         sq, b, np_, hn = query.shape
+        dropout_p = self.dropout_p if self.training else 0.0
+        segments = getattr(attention_mask, SEGMENTS_ATTRIBUTE, None)
+        if segments is not None and query.device.type == "cpu":
+            return _segmented_attention(query, key, value, segments, self.softmax_scale, dropout_p)
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         mask = None if attention_mask is None else ~attention_mask
@@ -95,7 +166,7 @@ class SDPAttention(MegatronModule):
             k,
             v,
             attn_mask=mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            dropout_p=dropout_p,
             scale=self.softmax_scale,
             enable_gqa=k.size(1) != np_,
         )

@@ -130,6 +130,24 @@ def _data_args(parser):
         help="vocabulary of --mock-data ([MASK] is its last id)",
     )
     group.add_argument("--per-document-attention", action="store_true")
+    group = parser.add_argument_group("supervised fine-tuning")
+    group.add_argument(
+        "--sft",
+        action="store_true",
+        help="SFT on tools/preprocess_sft.py data: the prompt is never masked nor scored",
+    )
+    group.add_argument(
+        "--sft-packing",
+        choices=["pad", "pack"],
+        default="pad",
+        help="one example per sample padded with EOD, or whole examples packed with "
+        "per-example attention",
+    )
+    group.add_argument(
+        "--sft-eos-in-loss",
+        action="store_true",
+        help="padding EOD tokens are attended, masked and scored as response (LLaDA)",
+    )
 
 
 def _checkpoint_args(parser):
@@ -305,8 +323,35 @@ def validate_args(args, world_size: int) -> list[str]:
         "--seq-length.",
         errors,
     )
+    _check_sft(args, errors)
     _check(0.0 <= args.random_length_prob <= 1.0, "--random-length-prob must be in [0, 1].", errors)
     return errors
+
+
+def _check_sft(args, errors: list) -> None:
+    if not args.sft:
+        _check(
+            args.sft_packing == "pad" and not args.sft_eos_in_loss,
+            "--sft-packing/--sft-eos-in-loss are read only with --sft.",
+            errors,
+        )
+        return
+    _check(not args.mock_data, "--sft trains on SFT data; drop --mock-data.", errors)
+    _check(
+        not args.per_document_attention,
+        "--sft attends per example by itself (--sft-packing pack); drop --per-document-attention.",
+        errors,
+    )
+    _check(
+        args.random_length_prob == 0,
+        "--random-length-prob would cut SFT responses; drop it with --sft.",
+        errors,
+    )
+    _check(
+        not args.test_data_path,
+        "--sft has no test split; drop --test-data-path.",
+        errors,
+    )
 
 
 def parse_args(argv: Optional[list] = None, world_size: Optional[int] = None):

@@ -117,6 +117,14 @@ def _datasets(args, tokenizer, seq_length, vocab_size):
         train = MockDiffusionDataset(num_train, seq_length, vocab_size, args.seed)
         valid = MockDiffusionDataset(max(num_valid, 1), seq_length, vocab_size, args.seed + 1)
         return train, valid
+    if args.sft:
+        from megatron_loopmdm.data.sft import SFTConfig, build_sft_datasets
+
+        sft_config = SFTConfig(
+            seq_length, args.data_path, args.split, args.train_data_path, args.valid_data_path,
+            args.seed, args.sft_packing, args.sft_eos_in_loss,
+        )  # fmt: skip
+        return build_sft_datasets(sft_config, tokenizer, [num_train, num_valid])
     from megatron_loopmdm.data import DataConfig, build_train_valid_test_datasets
 
     data_config = DataConfig(

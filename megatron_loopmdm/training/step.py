@@ -3,6 +3,8 @@
 A batch is a dict with `tokens` [b, s] int64 (clean) and `sample_index` [b] int64 (each sample's
 global index, which keys its diffusion noise), and optionally `loss_mask` [b, s] (0 on padding),
 `position_ids` and `document_ids` (per-document attention) from `megatron_loopmdm.data`.
+A batch with `response_mask` [b, s] (supervised fine-tuning, `megatron_loopmdm.data.sft`) is
+masked and scored on its response tokens only (`diffusion.loss.sft_loss_positions`).
 The loss is summed per micro-batch and normalised by the number of tokens of the whole global
 batch (megatron's per-token loss), so any split into micro-batches and data-parallel replicas
 gives the same loss and gradients.
@@ -14,7 +16,7 @@ from functools import partial
 from typing import Iterator, Optional
 
 from megatron_loopmdm.data.dataset import document_attention_mask
-from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_per_sample
+from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_per_sample, sft_loss_positions
 from megatron_loopmdm.diffusion.noise import (
     TIME_SAMPLINGS,
     mask_tokens,
@@ -22,6 +24,7 @@ from megatron_loopmdm.diffusion.noise import (
     sample_times,
 )
 from megatron_loopmdm.distributed.parallel import any_rank
+from megatron_loopmdm.models.specs import attach_document_segments
 
 import torch
 from megatron.core import parallel_state
@@ -85,6 +88,7 @@ def _prepare(batch, diffusion: DiffusionConfig, seed: int):
     attention_mask = None
     if "document_ids" in batch:
         attention_mask = document_attention_mask(batch["document_ids"]) | ~valid[:, None, None]
+        attention_mask = attach_document_segments(attention_mask, batch["document_ids"], valid)
     elif not valid.all():
         attention_mask = ~valid[:, None, None, :]  # [b, 1, 1, s], True = not attended
     position_ids = batch.get("position_ids")
@@ -93,9 +97,16 @@ def _prepare(batch, diffusion: DiffusionConfig, seed: int):
     return tokens, valid, attention_mask, position_ids
 
 
+def _loss_positions(batch, valid):
+    """Positions that may be masked and are counted: `valid`, or its response part in SFT."""
+    if "response_mask" not in batch:
+        return valid
+    return sft_loss_positions(valid, batch["response_mask"])
+
+
 def count_loss_tokens(batch: dict, diffusion: DiffusionConfig, seed: int) -> int:
     """The number of tokens a micro-batch contributes to the loss's normaliser."""
-    return int(_prepare(batch, diffusion, seed)[1].sum())
+    return int(_loss_positions(batch, _prepare(batch, diffusion, seed)[1]).sum())
 
 
 def make_forward_step(
@@ -114,6 +125,7 @@ def make_forward_step(
     def forward_step(data_iterator: Iterator, model):
         batch = next(data_iterator)
         tokens, valid, attention_mask, position_ids = _prepare(batch, diffusion, seed)
+        valid = _loss_positions(batch, valid)  # attention keeps the prompt; noise and loss do not
         index = batch["sample_index"]
         if fixed_t is None:
             t = sample_times(index, seed, diffusion.time_sampling, diffusion.global_batch_size)

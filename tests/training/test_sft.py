@@ -1,0 +1,152 @@
+"""Supervised fine-tuning: the objective, and `pretrain_loopmdm.py --sft` end to end."""
+
+import json
+
+import pytest
+import torch
+
+from tests.training.sft_data import addition_examples, make_tokenizer, preprocess, tool
+from tests.training.test_pretrain import SCRIPT, assert_same_curve, metrics
+from tests.utils import run_torchrun
+
+MASK, VOCAB = 11, 12
+
+
+class PerTokenCE(torch.nn.Module):
+    """A real (Hugging Face) LoopMDM called as the training step calls megatron's model; it
+    records the noisy input it was given."""
+
+    def __init__(self):
+        super().__init__()
+        from megatron_loopmdm.hf import LoopMDMConfig, LoopMDMForMaskedDiffusion
+
+        torch.manual_seed(0)
+        config = LoopMDMConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, mask_token_id=MASK, loop_layers=(0, 1), max_loops=2,
+            max_position_embeddings=32,
+        )  # fmt: skip
+        self.model = LoopMDMForMaskedDiffusion(config)
+
+    def forward(self, input_ids, position_ids, attention_mask, num_loops, labels):
+        self.seen = input_ids.clone()
+        self.logits = self.model(input_ids, num_loops=num_loops).logits.float()
+        self.logits.retain_grad()
+        logits = self.logits.transpose(1, 2)
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+def test_forward_step_masks_and_scores_only_response_tokens():
+    from megatron_loopmdm.diffusion.noise import mask_tokens, sample_times
+    from megatron_loopmdm.training.step import DiffusionConfig, make_forward_step
+
+    b, s, seed = 8, 12, 5
+    tokens = torch.randint(0, 10, (b, s), generator=torch.Generator().manual_seed(1))
+    prompt_lengths = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+    response = (torch.arange(s)[None] >= prompt_lengths[:, None]).float()
+    batch = {"tokens": tokens, "loss_mask": torch.ones(b, s), "response_mask": response}
+    batch["sample_index"] = torch.arange(100, 100 + b)
+    model = PerTokenCE()
+    output, loss_func = make_forward_step(DiffusionConfig(MASK), seed, 1)(iter([batch]), model)
+    loss_sum, num_tokens, _ = loss_func(output)
+    prompt = response == 0
+    assert torch.equal(model.seen[prompt], tokens[prompt]), "a prompt token was masked"
+    assert int(num_tokens) == int(response.sum())
+    # The reference: LLaDA's masking restricted to response tokens.
+    t = sample_times(batch["sample_index"], seed)
+    _, mask, p = mask_tokens(tokens, batch["sample_index"], seed, MASK, 1e-3, t, response.bool())
+    assert mask.any() and not (mask & prompt).any()
+    assert torch.equal(model.seen, torch.where(mask, MASK, tokens))
+    ce = output.detach()
+    assert loss_sum.item() == pytest.approx(((ce * mask).sum(1) / p).sum().item(), rel=1e-6)
+    loss_sum.backward()
+    assert (model.logits.grad[prompt] == 0).all(), "a prompt position contributed to the loss"
+    assert model.logits.grad[mask].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sft")
+    tok = make_tokenizer(directory)
+    # 10-14 random words (of 8) as prompts, a constant response: scored only on the response
+    # the loss falls towards 0; with the prompt in the loss, its ~70% share of iid words would
+    # keep the loss above 0.7 ln(8) = 1.46 whatever the model.
+    prefix = preprocess(directory, "junk", tok, addition_examples(300, 3, junk_prompt=True))
+    return tok, prefix
+
+
+def sft_args(sft_data, *extra):
+    tok, prefix = sft_data
+    return [str(a) for a in (
+        "--model-size", "debug", "--seq-length", 32, "--micro-batch-size", 4,
+        "--global-batch-size", 8, "--lr", 1e-2, "--lr-decay-style", "constant",
+        "--log-interval", 1, "--sft", "--sft-packing", "pack", "--data-path", prefix,
+        "--split", "100,0,0", "--tokenizer-model", tok, *extra,
+    )]  # fmt: skip
+
+
+def sft_run(nproc, sft_data, *extra):
+    result = run_torchrun(SCRIPT, nproc, sft_args(sft_data, *extra))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(sft_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "m.jsonl"
+    sft_run(1, sft_data, "--train-iters", 20, "--metrics-file", path)
+    return metrics(path)
+
+
+def test_cli_sft_learns_the_response_and_scores_no_prompt_token(reference):
+    losses = [m["loss"] for m in reference]
+    assert sum(losses[-5:]) / 5 < 0.7, losses
+
+
+@pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", 2],
+    ["--pipeline-model-parallel-size", 2],
+    ["--deepspeed", "--deepspeed-config", "ZERO2"],  # DP=2
+])  # fmt: skip
+def test_sft_layouts_reproduce_the_single_process_curve(tmp_path, sft_data, reference, layout):
+    if "ZERO2" in layout:
+        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+        layout = [*layout[:-1], tmp_path / "ds.json"]
+    sft_run(2, sft_data, "--train-iters", 4, "--metrics-file", tmp_path / "m.jsonl", *layout)
+    assert_same_curve(metrics(tmp_path / "m.jsonl"), reference[:4])
+
+
+def test_sft_at_dp2_resumes_exactly(tmp_path, sft_data, reference):
+    common = ["--use-distributed-optimizer", "--save", tmp_path / "ckpt"]
+    sft_run(2, sft_data, *common, "--train-iters", 2, "--metrics-file", tmp_path / "a.jsonl")
+    result = sft_run(2, sft_data, *common, "--train-iters", 4, "--load", tmp_path / "ckpt",
+                     "--metrics-file", tmp_path / "b.jsonl")  # fmt: skip
+    assert "resumed from" in result.stdout
+    first, resumed = metrics(tmp_path / "a.jsonl"), metrics(tmp_path / "b.jsonl")
+    assert [m["iteration"] for m in resumed] == [3, 4]
+    assert_same_curve(first + resumed, reference[:4])
+
+
+def test_sft_finetunes_a_hugging_face_export(tmp_path, sft_data, reference):
+    from megatron_loopmdm.data import build_tokenizer
+    from megatron_loopmdm.hf import LoopMDMConfig, LoopMDMForMaskedDiffusion
+    from megatron_loopmdm.models.sizes import get_model_size
+
+    size = get_model_size("debug")
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(sft_data[0]))
+    config = LoopMDMConfig(
+        vocab_size=384, hidden_size=size.hidden_size, intermediate_size=size.ffn_hidden_size,
+        num_hidden_layers=size.num_layers, num_attention_heads=size.num_attention_heads,
+        mask_token_id=tokenizer.mask, loop_layers=size.loop_layers, max_loops=size.max_loops,
+        max_position_embeddings=size.seq_length, eos_token_id=tokenizer.eod,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    LoopMDMForMaskedDiffusion(config).save_pretrained(tmp_path / "hf")
+    tool("convert_hf_to_checkpoint.py", "--load", tmp_path / "hf", "--save", tmp_path / "ckpt")
+    result = sft_run(1, sft_data, "--train-iters", 2, "--load", tmp_path / "ckpt", "--finetune",
+                     "--metrics-file", tmp_path / "m.jsonl")  # fmt: skip
+    assert "for fine-tuning; starting at iteration 0" in result.stdout
+    tuned = metrics(tmp_path / "m.jsonl")
+    assert [m["iteration"] for m in tuned] == [1, 2]
+    # Same data, noise and loops, other weights: another loss.
+    assert tuned[0]["loss"] != pytest.approx(reference[0]["loss"], rel=1e-3)
