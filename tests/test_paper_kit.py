@@ -61,3 +61,17 @@ def _run_all(tmp_path, kit_modules):
         assert (tmp_path / f"{png}.png").stat().st_size > 0
     # The runs are shared: the sweep reused compare_models' LoopMDM of each seed.
     assert len(list((tmp_path / "runs").glob("loopmdm-seed*-steps3"))) == 2
+
+
+@pytest.mark.slow
+def test_loops_sweep_through_the_products_sft_command(tmp_path, kit_modules):
+    """--trainer pretrain_loopmdm: tools/preprocess_sft.py, pretrain_loopmdm.py --sft, conversion
+    to HF, then the same evaluation (about 2.5 minutes on a busy 2-core machine)."""
+    argv = ["--smoke", "--seeds", "0", "--trainer", "pretrain_loopmdm", "--work-dir", str(tmp_path)]
+    assert kit_modules["loops_sweep"].main(argv) == 0
+    run_dir = tmp_path / "runs" / "loopmdm-cli-seed0-steps3"
+    assert json.loads((run_dir / "run.json").read_text())["trainer"] == "pretrain_loopmdm"
+    assert (run_dir / "ckpt").is_dir()
+    sweep = json.loads((tmp_path / "loops_sweep.json").read_text())
+    assert [r["num_loops"] for r in sweep] == [1, 2, 3, 4]
+    assert all(r["val_nelbo"] > 0 for r in sweep)

@@ -60,6 +60,8 @@ class Scale:
     lr: float = 1e-3
     seeds: tuple = (0, 1)
     nelbo_samples: int = 4
+    trainer: str = "in-process"
+    """`in-process` (this module's SFT loop) or `pretrain_loopmdm` (the product's command)."""
 
 
 SCALES = {
@@ -91,9 +93,13 @@ def parse_args(description: str, argv=None):
     parser.add_argument("--output-dir", default=None, help="tables and plots (default: WORK)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps (LoopMDM)")
+    parser.add_argument("--trainer", choices=["in-process", "pretrain_loopmdm"],
+                        default="in-process", help="pretrain_loopmdm: the product's --sft "
+                        "command (tools/preprocess_sft.py, torchrun, conversion to HF)")
     args = parser.parse_args(argv)
     scale = SCALES["smoke" if args.smoke else "cpu"]
-    scale = replace(scale, seeds=tuple(args.seeds or scale.seeds), steps=args.steps or scale.steps)
+    scale = replace(scale, seeds=tuple(args.seeds or scale.seeds), steps=args.steps or scale.steps,
+                    trainer=args.trainer)  # fmt: skip
     if len(scale.seeds) < 1 or scale.steps < 1:
         parser.error("--seeds needs at least one seed and --steps at least 1")
     args.scale = scale
@@ -179,10 +185,13 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
     from megatron_loopmdm.hf import LoopMDMForMaskedDiffusion
     from megatron_loopmdm.hf.checkpoint import write_hf_directory
 
-    run_dir = work / "runs" / f"{spec.name}-seed{seed}-steps{steps}"
+    tag = "" if scale.trainer == "in-process" else "-cli"
+    run_dir = work / "runs" / f"{spec.name}{tag}-seed{seed}-steps{steps}"
     record_path = run_dir / "run.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
+    if scale.trainer == "pretrain_loopmdm":
+        return _train_with_pretrain_loopmdm(spec, scale, paths, run_dir, seed, steps)
     tokenizer = _tokenizer(paths)
     seq_length = sequence_length(paths)
     tokens, response = _encode_split(read_examples(paths["train"]), tokenizer, seq_length)
@@ -220,6 +229,61 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         "spec": asdict(spec), "seq_length": seq_length,
     }  # fmt: skip
     record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _run(cmd: List[str]) -> None:
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env,
+                            cwd=REPO)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} failed:\n{result.stderr[-3000:]}")
+
+
+def _train_with_pretrain_loopmdm(spec, scale, paths, run_dir: Path, seed: int, steps: int):
+    """The same run through tools/preprocess_sft.py, pretrain_loopmdm.py --sft (one CPU
+    process, EOS padding in the loss) and tools/convert_checkpoint_to_hf.py."""
+    import socket
+    import time
+
+    prefix = paths["train"].parent / "sft_train"
+    if not Path(f"{prefix}_text_document.idx").is_file():
+        _run([sys.executable, REPO / "tools" / "preprocess_sft.py", "--input", paths["train"],
+              "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
+              "--tokenizer-model", paths["tokenizer"]])  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    h, start = scale.hidden_size, time.perf_counter()
+    options = []
+    if spec.options.get("loop_input_injection"):
+        options += ["--loop-input-injection", spec.options["loop_input_injection"]]
+    if spec.options.get("loop_embedding"):
+        options.append("--loop-embedding")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 1, "--master_addr",
+          "127.0.0.1", "--master_port", port, REPO / "pretrain_loopmdm.py",
+          "--model-size", "debug", "--num-layers", spec.num_layers, "--hidden-size", h,
+          "--ffn-hidden-size", 2 * h, "--num-attention-heads", 4, "--num-query-groups", 4,
+          "--seq-length", sequence_length(paths), "--max-position-embeddings", 256,
+          "--loop-layers", *spec.loop_layers, "--max-loops", spec.max_loops, *options,
+          "--sft", "--sft-eos-in-loss", "--data-path", prefix, "--split", "100,0,0",
+          "--tokenizer-model", paths["tokenizer"], "--micro-batch-size", scale.batch_size,
+          "--global-batch-size", scale.batch_size, "--train-iters", steps, "--lr", scale.lr,
+          "--min-lr", scale.lr * 0.1, "--lr-warmup-iters", max(1, steps // 20),
+          "--weight-decay", 0.0, "--clip-grad", 1.0, "--seed", seed, "--device", "cpu",
+          "--log-interval", max(1, steps // 10), "--save", run_dir / "ckpt"])  # fmt: skip
+    _run([sys.executable, REPO / "tools" / "convert_checkpoint_to_hf.py", "--load",
+          run_dir / "ckpt", "--save", run_dir / "hf", "--tokenizer", paths["tokenizer"]])
+    config = model_config(spec, scale, _tokenizer(paths))
+    record = {
+        "name": spec.name, "seed": seed, "steps": steps, "dir": str(run_dir / "hf"),
+        "train_flops": steps * train_flops_per_step(config, scale, sequence_length(paths)),
+        "seconds": time.perf_counter() - start, "spec": asdict(spec), "trainer": scale.trainer,
+    }  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
