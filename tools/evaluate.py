@@ -8,12 +8,19 @@
     python tools/evaluate.py gsm8k --load DIR --data test.jsonl [--tokenizer TOK] \
         --num-loops 1 4 --gen-length 256 --steps 256 --block-length 32 --output-dir OUT
     python tools/evaluate.py lm-eval --load DIR --tasks TASKS [--num-loops 4] [--mc-samples 128]
+    python tools/evaluate.py exact-match --load DIR --data test.jsonl [--tokenizer TOK] \
+        --num-loops 1 2 4 [--gen-length N --steps N --block-length N] [--nelbo-samples 8] \
+        --output-dir OUT
 
 `nelbo` writes OUT/nelbo_vs_loops.{csv,md,png}: the validation NELBO per token on the trainer's
 fixed t-grid (identical across runs) and its perplexity bound, per loop count.
 `mask-attention` writes OUT/mask_attention.{csv,md,png} (share of masked queries' attention mass
 on masked keys, per layer and loop). `gsm8k` writes OUT/gsm8k.{csv,md,png} (exact match of the
-number after `####`). Exit codes: 0 done, 1 bad input.
+number after `####`). `exact-match` samples the answer to each `prompt` of a JSON-lines file
+(e.g. tools/make_reasoning_tasks.py's test.jsonl) and compares it with `answer`, per loop
+count, `task` and `difficulty`: OUT/exact_match.{csv,md,png,json} and
+OUT/exact_match_predictions.jsonl (with --nelbo-samples K, also the answers' NELBO per loop
+count in the JSON). Exit codes: 0 done, 1 bad input.
 """
 
 import argparse
@@ -64,6 +71,18 @@ def parse_args(argv=None):
     gsm8k.add_argument("--block-length", type=int, default=32)
     gsm8k.add_argument("--batch-size", type=int, default=8)
     gsm8k.add_argument("--template", default="Question: {question}\nAnswer:")
+    exact = commands.add_parser("exact-match", help="exact match of sampled answers")
+    _common(exact, data=False)
+    exact.add_argument("--data", required=True, help="JSON lines with prompt and answer")
+    exact.add_argument("--tokenizer", help="HF tokenizer directory (default: --load)")
+    exact.add_argument("--limit", type=int)
+    exact.add_argument("--gen-length", type=int, help="default: longest answer of a group + 1")
+    exact.add_argument("--steps", type=int, help="default: --gen-length")
+    exact.add_argument("--block-length", type=int)
+    exact.add_argument("--remasking", default="low_confidence")
+    exact.add_argument("--batch-size", type=int, default=32)
+    exact.add_argument("--nelbo-samples", type=int, default=0,
+                       help="also the answers' NELBO with K Monte Carlo draws (0: off)")
     harness = commands.add_parser("lm-eval", help="lm-evaluation-harness tasks (needs lm_eval)")
     _common(harness, data=False)
     harness.add_argument("--tasks", nargs="+", required=True)
@@ -158,6 +177,50 @@ def run_gsm8k(args, model) -> list:
     return rows
 
 
+def run_exact_match(args, model) -> list:
+    from megatron_loopmdm.evaluation.exact_match import (
+        answer_nelbo_per_loops,
+        exact_match_per_loops,
+    )
+    from megatron_loopmdm.evaluation.reasoning import read_examples
+    from megatron_loopmdm.inference import SamplerConfig
+
+    examples = read_examples(args.data)[: args.limit]
+    tokenizer = _hf_tokenizer(args)
+    sampler = None
+    if args.gen_length is not None:
+        sampler = SamplerConfig(
+            gen_length=args.gen_length, steps=args.steps or args.gen_length,
+            block_length=args.block_length, remasking=args.remasking,
+        )  # fmt: skip
+    stop = [i for i in (tokenizer.eod, tokenizer.pad) if i is not None]
+    rows, predictions = exact_match_per_loops(
+        model, examples, tokenizer.tokenize, tokenizer.detokenize, args.num_loops, stop,
+        sampler, args.batch_size, args.seed,
+    )  # fmt: skip
+    columns = ["num_loops", "task", "difficulty", "exact_match", "correct", "total"]
+    write_table_and_plot(rows, args.output_dir, "exact_match", "num_loops", "exact_match", columns)
+    # The plot: every task together, one line per difficulty (and `all`).
+    write_table_and_plot(
+        [r for r in rows if r["task"] == "all"], args.output_dir, "exact_match_by_difficulty",
+        "num_loops", "exact_match", columns, series="difficulty",
+        title="exact match vs loops (all tasks)",
+    )  # fmt: skip
+    out = Path(args.output_dir)
+    with open(out / "exact_match_predictions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    report = {"data": str(args.data), "load": str(args.load), "rows": rows}
+    if args.nelbo_samples > 0:
+        report["nelbo"] = answer_nelbo_per_loops(
+            model, examples, tokenizer.tokenize, args.num_loops, tokenizer.eod,
+            args.nelbo_samples, args.seed,
+        )  # fmt: skip
+        print(format_table(report["nelbo"], ["num_loops", "nelbo", "tokens"]))
+    (out / "exact_match.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(format_table(rows, columns))
+    return rows
+
+
 def run_lm_eval(args, model):
     try:
         import lm_eval
@@ -184,6 +247,7 @@ COMMANDS = {
     "mask-attention": run_mask_attention,
     "gsm8k": run_gsm8k,
     "lm-eval": run_lm_eval,
+    "exact-match": run_exact_match,
 }
 
 

@@ -67,3 +67,32 @@ def test_lm_eval_command_line_runs_the_loopmdm_model_on_a_local_task(tmp_path, m
     [path] = list((tmp_path / "out").rglob("results_*.json"))
     accuracy = json.loads(path.read_text())["results"]["loopmdm_local"]["acc,none"]
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_exact_match_command_scores_per_loop_count_and_difficulty(tmp_path, model_dir):
+    from megatron_loopmdm.evaluation.reasoning import make_splits, write_jsonl
+
+    test = make_splits(["addition", "variable_lookup"], {"test": 2}, levels=[1, 2])["test"]
+    write_jsonl(test, tmp_path / "test.jsonl")
+    command = [sys.executable, "tools/evaluate.py", "exact-match", "--load", model_dir["hf"],
+               "--data", tmp_path / "test.jsonl", "--num-loops", "1", "3", "--nelbo-samples", "2"]
+    result = subprocess.run([*command, "--output-dir", tmp_path / "out"], capture_output=True,
+                            text=True, cwd=REPO, env=OFFLINE, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "exact_match.json").read_text())
+    keys = {(r["num_loops"], r["task"], r["difficulty"]) for r in report["rows"]}
+    assert (3, "addition", "2") in keys and (1, "all", "1") in keys and (3, "all", "all") in keys
+    predictions = [json.loads(line) for line in open(tmp_path / "out" /
+                                                      "exact_match_predictions.jsonl")]  # fmt: skip
+    assert len(predictions) == 2 * len(test)
+    for row in report["rows"]:
+        mine = [p for p in predictions if p["num_loops"] == row["num_loops"]
+                and row["task"] in ("all", p["task"])
+                and row["difficulty"] in ("all", str(p["difficulty"]))]  # fmt: skip
+        assert row["total"] == len(mine) and row["correct"] == sum(p["correct"] for p in mine)
+    assert [r["num_loops"] for r in report["nelbo"]] == [1, 3]
+    assert (tmp_path / "out" / "exact_match_by_difficulty.png").stat().st_size > 0
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\n')
+    bad = subprocess.run([*command[:6], tmp_path / "bad.jsonl"], capture_output=True, text=True,
+                         cwd=REPO, env=OFFLINE, timeout=300)  # fmt: skip
+    assert bad.returncode == 1 and "bad.jsonl:1: missing field(s) answer" in bad.stderr

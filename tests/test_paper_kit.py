@@ -1,0 +1,77 @@
+"""examples/paper/: every experiment script runs in its --smoke mode and writes its tables and
+plots; the scripts share the trained runs of one work directory (run in one process, in the
+order a user would)."""
+
+import json
+import sys
+
+import pytest
+
+from tests.utils import REPO
+
+SCRIPTS = ["compare_models", "loops_sweep", "loop_span_and_options", "mask_attention"]
+
+
+@pytest.fixture()
+def kit_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "paper"))
+    import importlib
+
+    modules = {name: importlib.import_module(name) for name in SCRIPTS}
+    yield modules
+    for name in [*SCRIPTS, "kit"]:
+        sys.modules.pop(name, None)
+
+
+def test_every_paper_script_runs_in_smoke_mode(tmp_path, kit_modules):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    try:
+        _run_all(tmp_path, kit_modules)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_all(tmp_path, kit_modules):
+    for name in SCRIPTS:
+        assert kit_modules[name].main(["--smoke", "--work-dir", str(tmp_path)]) == 0, name
+    compare = json.loads((tmp_path / "compare_models.json").read_text())
+    assert {(r["model"], r["regime"]) for r in compare} == {
+        (m, g) for m in ("mdm", "loopmdm", "deeper") for g in ("equal steps", "equal FLOPs")
+    }
+    assert all(r["seeds"] == 2 and 0 <= r["exact_match"] <= 1 for r in compare)
+    by = {(r["model"], r["regime"]): r for r in compare}
+    # Equal FLOPs: the LoopMDM's budget, so the cheaper MDM gets at least as many steps.
+    loop = by[("loopmdm", "equal FLOPs")]
+    assert by[("mdm", "equal FLOPs")]["steps"] >= loop["steps"] >= by[("deeper", "equal FLOPs")][
+        "steps"]  # fmt: skip
+    assert by[("deeper", "equal steps")]["train_flops"] > loop["train_flops"]
+    sweep = json.loads((tmp_path / "loops_sweep.json").read_text())
+    assert [r["num_loops"] for r in sweep] == [1, 2, 3, 4]  # 1 .. 2 S_max
+    variants = {r["variant"] for r in json.loads((tmp_path / "loop_span_and_options.json")
+                                                 .read_text())}  # fmt: skip
+    assert {"loopmdm", "inject-add", "inject-concat", "loop-embedding"} <= variants
+    assert any(v.startswith("span-") for v in variants)
+    attention = json.loads((tmp_path / "mask_attention.json").read_text())
+    assert all(0 <= r["share"] <= 1 for r in attention) and len(attention) == 1 + 2 + 3 + 4
+    for png in ("compare_models", "loops_sweep_exact_match", "loops_sweep_val_nelbo",
+                "loop_span_and_options", "mask_attention"):  # fmt: skip
+        assert (tmp_path / f"{png}.png").stat().st_size > 0
+    # The runs are shared: the sweep reused compare_models' LoopMDM of each seed.
+    assert len(list((tmp_path / "runs").glob("loopmdm-seed*-steps3"))) == 2
+
+
+@pytest.mark.slow
+def test_loops_sweep_through_the_products_sft_command(tmp_path, kit_modules):
+    """--trainer pretrain_loopmdm: tools/preprocess_sft.py, pretrain_loopmdm.py --sft, conversion
+    to HF, then the same evaluation (about 2.5 minutes on a busy 2-core machine)."""
+    argv = ["--smoke", "--seeds", "0", "--trainer", "pretrain_loopmdm", "--work-dir", str(tmp_path)]
+    assert kit_modules["loops_sweep"].main(argv) == 0
+    run_dir = tmp_path / "runs" / "loopmdm-cli-seed0-steps3"
+    assert json.loads((run_dir / "run.json").read_text())["trainer"] == "pretrain_loopmdm"
+    assert (run_dir / "ckpt").is_dir()
+    sweep = json.loads((tmp_path / "loops_sweep.json").read_text())
+    assert [r["num_loops"] for r in sweep] == [1, 2, 3, 4]
+    assert all(r["val_nelbo"] > 0 for r in sweep)
