@@ -44,7 +44,7 @@ def sampler_cases() -> dict:
     cases["suppress_eos"] = ({**base, "suppress_eos": True, "eos_token_id": 30}, {}, 0)
     cases["schedule"] = ({**base, "steps": 12}, {"schedule": (1, 2, 4, 2)}, 0)
     cases["fixed_s5"] = (base, {"num_loops": 5}, 0)
-    cases["adaptive"] = (base, {"threshold": 0.05, "min_loops": 1, "max_loops": 6}, 0)
+    cases["adaptive"] = (base, {"threshold": 0.3, "min_loops": 1, "max_loops": 6}, 0)
     return cases
 
 
