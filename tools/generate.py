@@ -5,10 +5,12 @@
         [--num-loops S | --adaptive-loops --loop-threshold 0.01 --min-loops 1 --max-loops 8 |
          --loop-schedule 1,2,4,2] [--temperature 0] [--seed 0] \
         [--remasking low_confidence|random|ancestral] [--cfg-scale 0] [--suppress-eos] \
+        [--threshold 0.9 | --factor 1.0] [--cache none|prefix|dual] [--cache-refresh block] \
         [--prompts-file prompts.jsonl] [--tokenizer DIR] [--device cpu] [--output out.jsonl]
 
 Prints each completion, then a summary: steps, loops per step, loop evaluations, model FLOPs,
-tokens/s, time. `--prompts-file` is JSON lines with a `prompt` (or `text`) field.
+tokens/s, time (and the key/value cache's memory with --cache). `--prompts-file` is JSON lines
+with a `prompt` (or `text`) field.
 """
 
 import argparse
@@ -17,7 +19,14 @@ import sys
 from pathlib import Path
 
 import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
-from megatron_loopmdm.inference import REMASKINGS, LoopPolicy, SamplerConfig, generate
+from megatron_loopmdm.inference import (
+    CACHE_REFRESHES,
+    CACHES,
+    REMASKINGS,
+    LoopPolicy,
+    SamplerConfig,
+    generate,
+)
 
 import torch
 
@@ -38,6 +47,14 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--cfg-scale", type=float, default=0.0)
     parser.add_argument("--suppress-eos", action="store_true")
+    parallel = parser.add_mutually_exclusive_group()
+    parallel.add_argument("--threshold", type=float, default=None,
+                          help="parallel decoding: commit every token with confidence >= this")
+    parallel.add_argument("--factor", type=float, default=None,
+                          help="parallel decoding by Fast-dLLM's factor rule")
+    parser.add_argument("--cache", choices=CACHES, default="none",
+                        help="key/value cache of every layer and loop")
+    parser.add_argument("--cache-refresh", choices=CACHE_REFRESHES, default="block")
     loops = parser.add_mutually_exclusive_group()
     loops.add_argument("--num-loops", type=int, help="fixed S (default the model's S_max)")
     loops.add_argument("--adaptive-loops", action="store_true")
@@ -104,6 +121,8 @@ def main(argv=None) -> int:
             gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
             remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale,
             suppress_eos=args.suppress_eos, eos_token_id=tokenizer.eod, loops=loop_policy(args),
+            threshold=args.threshold, factor=args.factor, cache=args.cache,
+            cache_refresh=args.cache_refresh,
         )  # fmt: skip
         model = load_for_inference(args.load, device=args.device, iteration=args.iteration)
     except (ValueError, FileNotFoundError) as e:
@@ -129,12 +148,17 @@ def main(argv=None) -> int:
     flops = sum(r.model_flops or 0.0 for r in results)
     tokens = len(prompts) * args.gen_length
     print(f"loops: {config.loops.describe(model.config.max_loops)}")
-    print(f"steps: {args.steps} per batch, {len(results)} batch(es)")
+    steps_run = sum(r.steps_run for r in results)
+    print(f"steps: {args.steps} per batch, {len(results)} batch(es), {steps_run} run")
     print(f"loops per step: {','.join(map(str, loops))}")
     print(f"loop evaluations: {evaluations} (mean {evaluations / max(len(loops), 1):.2f} per pass)")
     print(f"model FLOPs: {flops:.4g}")
     print(f"tokens/s: {tokens / max(seconds, 1e-9):.1f}")
     print(f"time: {seconds:.2f} s")
+    if args.cache != "none":
+        per_entry = results[0].cache_bytes_per_token_per_layer_per_loop
+        most = max(r.cache_bytes for r in results)
+        print(f"kv cache: {most} bytes ({per_entry} per token per layer per loop)")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             for record in records:

@@ -1,6 +1,7 @@
 """An lm-evaluation-harness model, registered as `loopmdm` when `lm_eval` is installed.
 
     lm_eval --model loopmdm --model_args pretrained=hf_model,num_loops=4,mc_samples=128 ...
+        (generation: ...,threshold=0.9,cache=dual)
 
 (`import megatron_loopmdm.evaluation.lm_eval_adapter` first registers it, e.g. through
 `tools/evaluate.py lm-eval`). Without `lm_eval` the class still works on any objects with an
@@ -45,6 +46,8 @@ class LoopMDMEvalLM(LM):
         gen_length, steps, block_length: sampler settings of `generate_until` (`max_gen_toks`
             overrides gen_length, rounded up to a multiple of block_length).
         seed: seed of the Monte Carlo and sampling noise (results are reproducible).
+        threshold, factor: parallel decoding in `generate_until` (see `SamplerConfig`).
+        cache: `none`, `prefix` or `dual` key/value caching in `generate_until`.
     """
 
     def __init__(
@@ -60,6 +63,9 @@ class LoopMDMEvalLM(LM):
         device: str = "cpu",
         seed: int = 0,
         batch_size: int = 1,
+        threshold: Optional[float] = None,
+        factor: Optional[float] = None,
+        cache: str = "none",
         **_unused,
     ):
         if LM is not object:
@@ -78,6 +84,11 @@ class LoopMDMEvalLM(LM):
         self.gen_length, self.block_length = int(gen_length), int(block_length)
         self.steps = int(steps) if steps else None
         self.seed = int(seed)
+        # model_args arrive as strings from the harness's command line.
+        self.threshold = float(threshold) if threshold not in (None, "", "None") else None
+        self.factor = float(factor) if factor not in (None, "", "None") else None
+        self.cache = str(cache)
+        SamplerConfig(threshold=self.threshold, factor=self.factor, cache=self.cache)  # validate
 
     def _model_device(self):
         return next(self.model.parameters()).device
@@ -133,6 +144,9 @@ class LoopMDMEvalLM(LM):
                 block_length=block,
                 temperature=float(kwargs.get("temperature", 0.0)),
                 loops=LoopPolicy(num_loops=self.num_loops),
+                threshold=self.threshold,
+                factor=self.factor,
+                cache=self.cache,
             )
             generator = torch.Generator().manual_seed(self.seed)
             prompt = self.tokenizer.tokenize(context)

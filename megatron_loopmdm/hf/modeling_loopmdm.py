@@ -11,7 +11,6 @@ where loop i (0-based) first re-injects the prelude output (i > 0, `add` or `con
 loop-embedding row min(i, max_loops - 1), then runs layers[start:end].
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,8 +22,10 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 try:  # a relative import inside a model directory, an absolute one inside the package
     from .configuration_loopmdm import LoopMDMConfig
+    from .generation_loopmdm import LoopPolicy, SamplerConfig, generate
 except ImportError:  # pragma: no cover
     from configuration_loopmdm import LoopMDMConfig
+    from generation_loopmdm import LoopPolicy, SamplerConfig, generate
 
 
 def _norm(config: LoopMDMConfig) -> nn.Module:
@@ -51,6 +52,50 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class LoopKVCache:
+    """Keys and values of every executed attention layer, for cached sampling.
+
+    One entry per layer execution: each prelude and coda layer once, each loop-block layer once
+    per loop (key `(layer index, loop index)`), each [b, kv_heads, s, head_dim] after RoPE. A
+    pass over the whole sequence into an empty cache fills it; a later pass over a window
+    [window_start, window_start + w) writes the window's keys and values in place and attends
+    to all s positions, the others as cached.
+    """
+
+    def __init__(self):
+        self.keys: dict = {}
+        self.values: dict = {}
+        self.length = 0
+        """s, the cached sequence length (0: empty)."""
+        self.num_loops = 0
+        """The loop count of the pass that filled the cache."""
+
+    def reset(self) -> None:
+        self.keys, self.values, self.length, self.num_loops = {}, {}, 0, 0
+
+    def update(self, slot: tuple, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Stores (filling pass) or writes in place (window pass); -> all keys and values."""
+        if slot not in self.keys:
+            assert start == 0, "a cache is filled by a pass over the whole sequence"
+            self.keys[slot], self.values[slot] = k, v
+            return k, v
+        keys, values = self.keys[slot], self.values[slot]
+        keys[:, :, start : start + k.size(2)] = k
+        values[:, :, start : start + v.size(2)] = v
+        return keys, values
+
+    def nbytes(self) -> int:
+        tensors = (*self.keys.values(), *self.values.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bytes_per_token_per_layer(self) -> int:
+        """Keys plus values of one position in one layer execution (one layer, one loop)."""
+        if not self.keys:
+            return 0
+        k = next(iter(self.keys.values()))
+        return 2 * k.size(1) * k.size(3) * k.element_size()
+
+
 class LoopMDMAttention(nn.Module):
     """Bidirectional grouped-query attention; q/k/v are megatron's fused linear_qkv, split."""
 
@@ -70,8 +115,13 @@ class LoopMDMAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_eps)
 
-    def forward(self, x: Tensor, rotary: Optional[tuple], attn_mask: Optional[Tensor]) -> Tensor:
-        """x [b, s, h]; attn_mask [b, 1, 1, s] bool, True = attended."""
+    def forward(
+        self, x: Tensor, rotary: Optional[tuple], attn_mask: Optional[Tensor], kv=None
+    ) -> Tensor:
+        """x [b, w, h] (w = s without a cache); attn_mask [b, 1, 1, s] bool, True = attended.
+
+        `kv`: (LoopKVCache, slot, window start), or None.
+        """
         b, s, _ = x.shape
         # [b, s, heads * hn] -> [b, heads, s, hn]
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
@@ -81,6 +131,9 @@ class LoopMDMAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv is not None:
+            cache, slot, start = kv
+            k, v = cache.update(slot, start, k, v)  # [b, kv_heads, s, hn], the whole sequence
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, enable_gqa=self.num_kv_heads != self.num_heads
         )
@@ -116,8 +169,10 @@ class LoopMDMLayer(nn.Module):
         self.post_attention_layernorm = _norm(config)
         self.mlp = LoopMDMMLP(config)
 
-    def forward(self, x: Tensor, rotary: Optional[tuple], attn_mask: Optional[Tensor]) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, attn_mask)
+    def forward(
+        self, x: Tensor, rotary: Optional[tuple], attn_mask: Optional[Tensor], kv=None
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, attn_mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,29 +207,46 @@ class LoopMDMTransformer(nn.Module):
         all_hidden_states: Optional[list] = None,
         loop_threshold: Optional[float] = None,
         min_loops: int = 1,
+        kv_cache: Optional[LoopKVCache] = None,
+        window_start: int = 0,
     ) -> tuple[Tensor, int]:
-        """[b, s] ids -> ([b, s, h] final-norm output, loops run).
+        """[b, w] ids -> ([b, w, h] final-norm output, loops run).
+
+        Without `kv_cache`, w = s, the whole sequence. An empty `kv_cache` is filled by this
+        pass (w = s); a filled one makes `input_ids` the positions [window_start,
+        window_start + w) of its s, attending to all s (`attention_mask` stays [b, s]).
 
         With `loop_threshold`, looping stops early (after at least `min_loops`, at most
         `num_loops`) once every sample's relative change of the loop block's output,
-        ||x_i - x_{i-1}|| / ||x_{i-1}|| over its attended positions, falls below the threshold.
+        ||x_i - x_{i-1}|| / ||x_{i-1}|| over its attended positions (of the window), falls
+        below the threshold.
         """
         config = self.config
+        w = input_ids.size(1)
+        s = kv_cache.length if kv_cache is not None and kv_cache.length else w
+        if kv_cache is not None and not kv_cache.length:
+            if window_start:
+                raise ValueError("fill an empty kv_cache with a pass over the whole sequence.")
+            kv_cache.length = s
+        positions = slice(window_start, window_start + w)
         x = self.embed_tokens(input_ids)
         if hasattr(self, "embed_positions"):
             if position_ids is None:
-                position_ids = torch.arange(input_ids.size(1), device=input_ids.device)
+                position_ids = torch.arange(window_start, window_start + w, device=x.device)
             x = x + self.embed_positions(position_ids)
         rotary = None
         if config.position_embedding_type == "rope":
-            rotary = rotary_cos_sin(config, input_ids.size(1), x.device, x.dtype)
-        attn_mask = None
+            cos, sin = rotary_cos_sin(config, s, x.device, x.dtype)
+            rotary = cos[positions], sin[positions]
+        attn_mask = window_mask = None
         if attention_mask is not None:
             attn_mask = attention_mask.bool()[:, None, None, :]  # [b, s] -> [b, 1, 1, s]
+            window_mask = attention_mask[:, positions]
 
-        def run(layers, x):
-            for layer in layers:
-                x = layer(x, rotary, attn_mask)
+        def run(first, layers, x, loop=0):
+            for index, layer in enumerate(layers, start=first):
+                kv = None if kv_cache is None else (kv_cache, (index, loop), window_start)
+                x = layer(x, rotary, attn_mask, kv)
                 if all_hidden_states is not None:
                     all_hidden_states.append(x)
             return x
@@ -182,7 +254,7 @@ class LoopMDMTransformer(nn.Module):
         if all_hidden_states is not None:
             all_hidden_states.append(x)
         start, end = config.loop_layers
-        x = run(self.layers[:start], x)
+        x = run(0, self.layers[:start], x)
         prelude_output = x
         loops_run = 0
         for i in range(num_loops):
@@ -191,12 +263,12 @@ class LoopMDMTransformer(nn.Module):
                 x = self._inject(x, prelude_output)
             if config.loop_embedding:
                 x = x + self.loop_embedding.weight[min(i, config.max_loops - 1)]
-            x = run(self.layers[start:end], x)
+            x = run(start, self.layers[start:end], x, loop=i)
             loops_run = i + 1
             if loop_threshold is not None and i > 0 and loops_run >= min_loops:
-                if _relative_change(x, previous, attention_mask).max() < loop_threshold:
+                if _relative_change(x, previous, window_mask).max() < loop_threshold:
                     break
-        x = run(self.layers[end:], x)
+        x = run(end, self.layers[end:], x)
         return self.norm(x), loops_run
 
 
@@ -277,6 +349,8 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         return_dict: Optional[bool] = None,
         loop_threshold: Optional[float] = None,
         min_loops: int = 1,
+        kv_cache: Optional[LoopKVCache] = None,
+        window_start: int = 0,
         **kwargs,
     ):
         """Logits of the clean tokens at every position.
@@ -292,6 +366,10 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             loop_threshold: adaptive loops: stop looping once the relative change of the loop
                 block's output falls below this for every sample (`num_loops` is then the most).
             min_loops: with `loop_threshold`, loops run before stopping is considered.
+            kv_cache: a `LoopKVCache` (`make_kv_cache()`): an empty one is filled by this pass
+                over the whole sequence; a filled one makes `input_ids` the [b, w] window
+                starting at `window_start` of the cached sequence (logits [b, w, vocab]).
+            window_start: the window's first position, with a filled `kv_cache`.
 
         Returns:
             `LoopMDMOutput` with `logits` [b, s, vocab] in the model's dtype, [MASK] = -inf,
@@ -306,12 +384,20 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             return_dict = self.config.return_dict
         if loop_threshold is not None and not 1 <= min_loops <= num_loops:
             raise ValueError(f"min_loops={min_loops} must lie in [1, num_loops={num_loops}].")
+        shift = getattr(self.config, "shift_logits", False)
+        if shift and kv_cache is not None and kv_cache.length:
+            # A window's first logit would need the output of the position before the window.
+            raise ValueError(
+                "This model shifts its logits (shift_logits=True, adapted from an AR model): "
+                "key/value caches are not supported for it; sample with cache=None."
+            )
         hidden = [] if output_hidden_states else None
         x, loops_run = self.model(
-            input_ids, attention_mask, position_ids, num_loops, hidden, loop_threshold, min_loops
-        )
+            input_ids, attention_mask, position_ids, num_loops, hidden, loop_threshold, min_loops,
+            kv_cache, window_start,
+        )  # fmt: skip
         logits = self.lm_head(x)
-        if getattr(self.config, "shift_logits", False):
+        if shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # i takes i - 1's output
         mask_id = torch.tensor([self.config.mask_token_id], device=logits.device)
         logits = logits.index_fill(-1, mask_id, float("-inf"))
@@ -319,6 +405,10 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         if not return_dict:
             return (logits,) if hidden_states is None else (logits, hidden_states)
         return LoopMDMOutput(logits=logits, hidden_states=hidden_states, num_loops=loops_run)
+
+    def make_kv_cache(self) -> LoopKVCache:
+        """An empty key/value cache for `forward(..., kv_cache=)` (every layer and loop)."""
+        return LoopKVCache()
 
     @torch.no_grad()
     def diffusion_generate(
@@ -330,62 +420,55 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         num_loops: Optional[int] = None,
         temperature: float = 0.0,
         generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
-        """LLaDA-style sampling: semi-autoregressive blocks, low-confidence remasking.
+        threshold: Optional[float] = None,
+        factor: Optional[float] = None,
+        cache: Optional[str] = None,
+        attention_mask: Optional[Tensor] = None,
+        return_dict_in_generate: bool = False,
+        **sampler_options,
+    ):
+        """Masked-diffusion sampling with the package's sampler (`generation_loopmdm.py`).
 
-        The answer starts as `gen_length` [MASK] tokens after the prompt and is filled block by
-        block (left to right); within a block each of its `steps / num_blocks` steps unmasks the
-        most confident predictions, an equal share of the block's tokens per step.
+        LLaDA-style by default: semi-autoregressive blocks, low-confidence remasking, an equal
+        share of each block's tokens per step; the fast paths are parallel decoding
+        (`threshold` or `factor`) and key/value caches (`cache="prefix"` or `"dual"`).
 
         Args:
-            input_ids: [b, p] int64 prompts (equal lengths, no padding).
+            input_ids: [b, p] int64 prompts; left-padded when `attention_mask` is given.
             gen_length: tokens to generate.
-            steps: denoising steps in all; a multiple of the number of blocks.
+            steps: denoising steps in all (an upper bound with threshold/factor); a multiple
+                of the number of blocks.
             block_length: tokens per block (default: one block of gen_length); divides
                 gen_length.
             num_loops: loop count S for every forward pass (default config.max_loops).
             temperature: 0 picks the argmax; > 0 samples with Gumbel noise (in float64).
-            generator: the random generator of the Gumbel noise.
+            generator: the random generator of the sampling noise.
+            threshold: parallel decoding: also commit every token with confidence >= this.
+            factor: parallel decoding by Fast-dLLM's factor rule.
+            cache: None, `"prefix"` or `"dual"`.
+            attention_mask: optional [b, p], 0 = left padding of a shorter prompt.
+            return_dict_in_generate: return the `GenerationResult` (costs, loops per step).
+            **sampler_options: further `SamplerConfig` fields (`remasking`, `cfg_scale`,
+                `suppress_eos`, `cache_refresh`, ...); `loop_threshold`, `min_loops`,
+                `max_loops` for adaptive loops.
 
         Returns:
             [b, p + gen_length] int64: the prompt followed by the generated tokens.
         """
-        block_length = block_length or gen_length
-        if gen_length % block_length:
-            raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}.")
-        num_blocks = gen_length // block_length
-        if steps % num_blocks:
-            raise ValueError(f"steps={steps} must be a multiple of the {num_blocks} blocks.")
-        steps_per_block = steps // num_blocks
-        mask_id = self.config.mask_token_id
-        b, p = input_ids.shape
-        x = torch.full((b, p + gen_length), mask_id, dtype=torch.long, device=input_ids.device)
-        x[:, :p] = input_ids
-        for block in range(num_blocks):
-            start, end = p + block * block_length, p + (block + 1) * block_length
-            per_step = _tokens_per_step((x[:, start:end] == mask_id).sum(-1), steps_per_block)
-            for step in range(steps_per_block):
-                masked = x == mask_id
-                logits = self(x, num_loops=num_loops).logits.double()
-                if temperature > 0:
-                    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
-                    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300).to(logits.device)))
-                    prediction = (logits / temperature + gumbel).argmax(-1)
-                else:
-                    prediction = logits.argmax(-1)
-                probs = logits.softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)
-                confidence = torch.where(masked, probs, -math.inf)
-                confidence[:, end:] = -math.inf  # later blocks wait their turn
-                for row in range(b):
-                    k = int(per_step[row, step])
-                    if k:
-                        chosen = confidence[row].topk(k).indices
-                        x[row, chosen] = prediction[row, chosen]
-        return x
-
-
-def _tokens_per_step(num_masked: Tensor, steps: int) -> Tensor:
-    """[b] masked counts -> [b, steps] tokens to unmask per step, the remainder spread first."""
-    base = num_masked[:, None] // steps
-    extra = torch.arange(steps, device=num_masked.device)[None] < (num_masked % steps)[:, None]
-    return base + extra.long()
+        loops = {k: sampler_options.pop(k) for k in ("min_loops", "max_loops")
+                 if k in sampler_options}  # fmt: skip
+        loop_threshold = sampler_options.pop("loop_threshold", None)
+        policy = LoopPolicy(num_loops=num_loops, threshold=loop_threshold, **loops)
+        if "eos_token_id" not in sampler_options and sampler_options.get("suppress_eos"):
+            sampler_options["eos_token_id"] = self.config.eos_token_id
+        config = SamplerConfig(
+            gen_length=gen_length, steps=steps, block_length=block_length,
+            temperature=temperature, threshold=threshold, factor=factor,
+            cache=cache or "none", loops=policy, **sampler_options,
+        )  # fmt: skip
+        prompts = input_ids
+        if attention_mask is not None:
+            prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        pad = getattr(self.config, "pad_token_id", None)
+        result = generate(self, prompts, config, pad_token_id=pad, generator=generator)
+        return result if return_dict_in_generate else result.tokens

@@ -3,11 +3,16 @@
 `generate` runs any model that maps `[b, s]` token ids and a loop count to `[b, s, vocab]`
 logits (the Hugging Face `LoopMDMForMaskedDiffusion` from `megatron_loopmdm.hf`, or a plain
 callable); `LoopPolicy` says how many loops each denoising step runs (fixed, adaptive by
-convergence, or a schedule over the steps).
+convergence, or a schedule over the steps). The sampler is
+`megatron_loopmdm/hf/generation_loopmdm.py`, shared with the exported model; its fast paths
+are parallel decoding (`SamplerConfig(threshold=)` or `factor=`) and key/value caches of every
+layer and loop (`cache="prefix"` or `"dual"`).
 """
 
 from megatron_loopmdm.inference.loops import LoopPolicy
 from megatron_loopmdm.inference.sampler import (
+    CACHE_REFRESHES,
+    CACHES,
     REMASKINGS,
     GenerationResult,
     SamplerConfig,
@@ -17,6 +22,8 @@ from megatron_loopmdm.inference.sampler import (
 )
 
 __all__ = [
+    "CACHES",
+    "CACHE_REFRESHES",
     "REMASKINGS",
     "GenerationResult",
     "LoopPolicy",
