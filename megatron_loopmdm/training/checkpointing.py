@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
 from pathlib import Path
 from typing import Optional
@@ -88,10 +89,15 @@ def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def _detach_from_process_group() -> None:
     # Runs in the writer's helper process: its own session, so a signal to the trainer's process
-    # group (torchrun, SLURM, `kill -TERM -PGID`) leaves it alive for the stop-save.
+    # group (torchrun, SLURM, `kill -TERM -PGID`) leaves it alive for the stop-save. It starts
+    # with the signals blocked (inherited from the trainer) and unblocks them once detached.
     os.setsid()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def start_writer_helper() -> None:
@@ -106,7 +112,13 @@ def start_writer_helper() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_detach_from_process_group)
+    # Blocked while it starts, so a signal arriving now cannot kill it before it detaches;
+    # the trainer gets any pending signal when they are unblocked.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        manager.start(initializer=_detach_from_process_group)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     filesystem_async._results_queue = manager.Queue()
     filesystem_async._loopmdm_manager = manager  # keeps it alive; shut down at exit
 

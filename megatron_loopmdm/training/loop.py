@@ -535,6 +535,8 @@ def train(run: Run) -> None:
     def _on_signal(signum, _frame):
         stop["signal"] = signum
 
+    if args.save:
+        ckpt.start_writer_helper()  # before any signal can arrive: see its docstring
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _on_signal)
     while iteration < args.train_iters and not any_rank(stop["signal"] is not None):
@@ -576,7 +578,8 @@ def train(run: Run) -> None:
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save_unless_diverging(run, iteration, skipped, consecutive_skipped)
     stopped = iteration < args.train_iters
-    if args.save and (stopped or not args.save_interval or iteration % args.save_interval):
+    # (A stop at a multiple of --save-interval has just been saved by the periodic save.)
+    if args.save and (not args.save_interval or iteration % args.save_interval):
         save_unless_diverging(run, iteration, skipped, consecutive_skipped)
     logger.close()
     if stopped:
