@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -97,6 +98,12 @@ def _detach_from_process_group() -> None:
     # group (torchrun, SLURM, `kill -TERM -PGID`) leaves it alive for the stop-save. It starts
     # with the signals blocked (inherited from the trainer) and unblocks them once detached.
     os.setsid()
+    if sys.platform.startswith("linux"):
+        # Outside the trainer's group, a `kill -9` of the trainer would leave it orphaned: die
+        # with the trainer instead (PR_SET_PDEATHSIG).
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
