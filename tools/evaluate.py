@@ -257,6 +257,12 @@ def main(argv=None) -> int:
 
     try:
         model = load_for_inference(args.load, device=args.device, iteration=args.iteration)
+        if getattr(args, "tokenizer_model", None):  # nelbo, mask-attention: the data's tokenizer
+            from megatron_loopmdm.data.tokenizers import build_tokenizer
+            from megatron_loopmdm.hf.input_checks import check_tokenizer_matches
+
+            tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+            check_tokenizer_matches(model.config, tokenizer)
         if not args.num_loops:
             args.num_loops = [model.config.max_loops]
         if min(args.num_loops) < 1:

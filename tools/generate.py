@@ -41,6 +41,11 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="JSON lines with a 'prompt' or 'text' field")
     parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument(
+        "--allow-longer-than-trained",
+        action="store_true",
+        help="RoPE models: generate past the trained sequence length",
+    )
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument("--remasking", choices=REMASKINGS, default="low_confidence")
@@ -113,6 +118,7 @@ def completion_text(tokenizer, ids: list) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_loopmdm.hf import load_for_inference
+    from megatron_loopmdm.hf.input_checks import check_sequence_length, check_tokenizer_matches
 
     try:
         prompts = read_prompts(args)
@@ -125,6 +131,9 @@ def main(argv=None) -> int:
             cache_refresh=args.cache_refresh,
         )  # fmt: skip
         model = load_for_inference(args.load, device=args.device, iteration=args.iteration)
+        check_tokenizer_matches(model.config, tokenizer)
+        longest = max(len(tokenizer.tokenize(p)) for p in prompts) + args.gen_length
+        check_sequence_length(model.config, longest, args.allow_longer_than_trained)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -186,14 +187,71 @@ def _tokenizer_source(tokenizer: Optional[str], extra: dict) -> Optional[Path]:
     if tokenizer:
         if not Path(tokenizer).is_dir():
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no such directory.")
+        if not any((Path(tokenizer) / n).is_file() for n in TOKENIZER_FILES):
+            # Checked before anything is written: no half-made export.
+            raise ConversionError(f"{tokenizer} holds no tokenizer files ({TOKENIZER_FILES}).")
         return Path(tokenizer)
     saved = (extra.get("args") or {}).get("tokenizer_model")
     return Path(saved) if saved and Path(saved).is_dir() else None
 
 
 def write_hf_directory(model: LoopMDMForMaskedDiffusion, save_dir, tokenizer_dir=None) -> None:
-    """save_pretrained (sharded safetensors) plus the model code, auto_map and tokenizer."""
-    save_dir = Path(save_dir)
+    """save_pretrained (sharded safetensors) plus the model code, auto_map and tokenizer.
+
+    Written into a fresh temporary directory next to `save_dir` and renamed into place, so an
+    interrupted conversion leaves no half-made export, and files of an earlier export (e.g. its
+    tokenizer) never mix in. An existing `save_dir` is replaced only if it is an earlier export.
+    Files are readable by others (safetensors writes 0600).
+    """
+    final = Path(save_dir)
+    if final.exists() and any(final.iterdir()) and not _is_export(final):
+        raise ConversionError(
+            f"{final} exists and is not a LoopMDM export; choose a new --save directory."
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _write_hf_files(model, staging, tokenizer_dir)
+        _make_readable(staging)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_export(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("auto_map") == AUTO_MAP
+    except (OSError, ValueError):
+        return False
+
+
+def _make_readable(directory: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
+def _name_tokenizer_class(save_dir: Path) -> None:
+    # Without `tokenizer_class`, AutoTokenizer falls back to config.json's auto_map and asks
+    # interactively whether to run remote code: a script without a terminal hangs.
+    path = save_dir / "tokenizer_config.json"
+    if not (save_dir / "tokenizer.json").is_file():
+        return
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if not config.get("tokenizer_class"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_hf_files(model: LoopMDMForMaskedDiffusion, save_dir: Path, tokenizer_dir) -> None:
     model.config.auto_map = dict(AUTO_MAP)
     model.config.architectures = ["LoopMDMForMaskedDiffusion"]
     model.save_pretrained(save_dir, max_shard_size="5GB")
@@ -207,6 +265,7 @@ def write_hf_directory(model: LoopMDMForMaskedDiffusion, save_dir, tokenizer_dir
             shutil.copyfile(Path(tokenizer_dir) / name, save_dir / name)
         if not copied:
             raise ConversionError(f"{tokenizer_dir} holds no tokenizer files ({TOKENIZER_FILES}).")
+        _name_tokenizer_class(save_dir)
 
 
 def convert_checkpoint_to_hf(

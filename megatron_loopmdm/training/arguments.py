@@ -9,6 +9,7 @@ change.
 import argparse
 import json
 import os
+import sys
 from typing import Optional
 
 from megatron_loopmdm.models.config import INPUT_INJECTIONS, LOOP_SAMPLINGS
@@ -161,6 +162,48 @@ def _checkpoint_args(parser):
     group.add_argument("--no-load-rng", action="store_true")
 
 
+def _resilience_args(parser):
+    group = parser.add_argument_group("checkpoint resilience")
+    group.add_argument(
+        "--iteration", type=int, help="with --load: this saved iteration (default: newest complete)"
+    )
+    group.add_argument(
+        "--keep-last", type=int, help="after each save, delete all but the newest K checkpoints"
+    )
+    group.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="on resume, take the LR schedule from the flags, not from the checkpoint",
+    )
+    group.add_argument(
+        "--use-checkpoint-opt-param-scheduler",
+        action="store_true",
+        help="on resume, take the LR schedule from the checkpoint, not from the flags",
+    )
+
+
+def validate_resilience_args(args) -> list[str]:
+    """Problems with the checkpoint-resilience and mask-id flags (empty if fine)."""
+    errors = []
+    _check(args.iteration is None or args.load, "--iteration needs --load DIR.", errors)
+    _check(args.keep_last is None or args.save, "--keep-last needs --save DIR.", errors)
+    _check(args.keep_last is None or args.keep_last >= 1, "--keep-last must be >= 1.", errors)
+    _check(
+        not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+        "Choose one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler.",
+        errors,
+    )
+    _check(
+        not args.mock_data
+        or args.mask_token_id is None
+        or 0 <= args.mask_token_id < args.vocab_size,
+        f"--mask-token-id {args.mask_token_id} is outside the vocabulary (--vocab-size "
+        f"{args.vocab_size}); use an id below {args.vocab_size}.",
+        errors,
+    )
+    return errors
+
+
 def _logging_args(parser):
     group = parser.add_argument_group("logging")
     group.add_argument("--log-interval", type=int, default=10)
@@ -256,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         _logging_args,
         _loop_and_diffusion_args,
         _ar_adaptation_args,
+        _resilience_args,
     ):
         add(parser)
     return parser
@@ -409,9 +453,12 @@ def _check_sft(args, errors: list) -> None:
 def parse_args(argv: Optional[list] = None, world_size: Optional[int] = None):
     """Parses and validates; exits with status 2 and every problem listed on bad input."""
     parser = build_parser()
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Every rank parses the same command line; only rank 0 prints the usage and problems.
+        parser.error = lambda message: sys.exit(2)
     args = parser.parse_args(argv)
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    errors = validate_args(args, world_size)
+    errors = validate_args(args, world_size) + validate_resilience_args(args)
     if errors:
         parser.error("\n  " + "\n  ".join(errors))
     return args

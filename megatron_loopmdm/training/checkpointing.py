@@ -7,20 +7,36 @@ Layout on disk, as in Megatron-LM:
 
 A save writes into `iter_XXXXXXX.tmp` and renames it when every rank has finished, then
 replaces the `latest` marker, so a crash during a save never corrupts the last good checkpoint.
+A load checks the checkpoint first (`safe_load.check_dist_checkpoint`: the `.metadata` parsed
+by an allow-listing unpickler, every shard present and long enough); an incomplete newest
+checkpoint is reported and skipped for the newest complete one.
 """
 
 import logging
+import multiprocessing
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
 from pathlib import Path
 from typing import Optional
 
 from megatron_loopmdm.training.optimizer_fixes import prepare_for_loading
+from megatron_loopmdm.training.safe_load import UnsafeCheckpointError, check_dist_checkpoint
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+LOCK_FILE = ".save.lock"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be saved or loaded; the message names the file and the fix."""
 
 
 class _DropAsyncDeprecation(logging.Filter):
@@ -74,6 +90,46 @@ def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _detach_from_process_group() -> None:
+    # Runs in the writer's helper process: its own session, so a signal to the trainer's process
+    # group (torchrun, SLURM, `kill -TERM -PGID`) leaves it alive for the stop-save. It starts
+    # with the signals blocked (inherited from the trainer) and unblocks them once detached.
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        # Outside the trainer's group, a `kill -9` of the trainer would leave it orphaned: die
+        # with the trainer instead (PR_SET_PDEATHSIG).
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def start_writer_helper() -> None:
+    """Starts megatron's checkpoint-writer helper (a multiprocessing Manager) in its own session.
+
+    megatron starts it lazily at the first save, in the trainer's process group; a SIGTERM to
+    that group then kills it, and the stop-save fails with `BrokenPipeError`. Started here first,
+    megatron reuses it. Idempotent.
+    """
+    if filesystem_async._results_queue is not None:
+        return
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    # Blocked while it starts, so a signal arriving now cannot kill it before it detaches;
+    # the trainer gets any pending signal when they are unblocked.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        manager.start(initializer=_detach_from_process_group)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._loopmdm_manager = manager  # keeps it alive; shut down at exit
+
+
 def save_checkpoint(root, iteration: int, chunks: list, optimizer=None, extra=None) -> Path:
     """Saves model (and optimizer) state at `iteration` under `root`; returns its directory.
 
@@ -82,12 +138,19 @@ def save_checkpoint(root, iteration: int, chunks: list, optimizer=None, extra=No
     """
     final = checkpoint_dir(root, iteration)
     staging = final.with_name(final.name + ".tmp")
+    start_writer_helper()
     if _is_rank0():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
     state = _sharded_state(chunks, optimizer, iteration, is_loading=False, extra=extra)
-    dist_checkpointing.save(state, str(staging))
+    try:
+        dist_checkpointing.save(state, str(staging))
+    except OSError as error:
+        raise CheckpointError(
+            f"could not write the checkpoint {staging}: {error.strerror or error}. Free space or "
+            f"point --save elsewhere; earlier checkpoints under {root} are intact."
+        ) from None
     _barrier()
     if _is_rank0():
         shutil.rmtree(final, ignore_errors=True)
@@ -111,8 +174,152 @@ def latest_iteration(root) -> Optional[int]:
     return int(text)
 
 
+def saved_iterations(root) -> list[int]:
+    """Iterations of the finished (renamed) checkpoint directories under `root`, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = (_ITER_DIR.match(entry.name) for entry in root.iterdir() if entry.is_dir())
+    return sorted(int(match.group(1)) for match in found if match)
+
+
+def _warn(message: str) -> None:
+    if _is_rank0():
+        print(f"WARNING: {message}", flush=True)
+
+
+def select_checkpoint(root, iteration: Optional[int] = None) -> Optional[int]:
+    """The checkpoint to load: `iteration` if given, else the newest complete one.
+
+    A newest checkpoint that is incomplete (deleted or truncated shard or `.metadata`, a
+    missing directory named by `latest`) is reported in one line and skipped. Returns None when
+    `root` holds no checkpoint at all.
+
+    Raises:
+        CheckpointError: `iteration` is missing or broken, or every checkpoint is broken.
+        UnsafeCheckpointError: a `.metadata` names code (never skipped: it is tampering).
+    """
+    if iteration is not None:
+        directory = checkpoint_dir(root, iteration)
+        if not directory.is_dir():
+            have = ", ".join(map(str, saved_iterations(root))) or "none"
+            raise CheckpointError(
+                f"--iteration {iteration}: {directory} does not exist (saved iterations: {have})."
+            )
+        _check_or_raise(directory)
+        return iteration
+    candidates = saved_iterations(root)
+    marked = latest_iteration(root)
+    if marked is not None and marked not in candidates:
+        _warn(f"{LATEST_FILE} names iteration {marked}, but {checkpoint_dir(root, marked)} is "
+              "missing; looking for an earlier checkpoint.")  # fmt: skip
+    if not candidates:
+        if marked is None:
+            return None
+        raise CheckpointError(f"{root}: no checkpoint directory left; start without --load.")
+    problems = []
+    for candidate in reversed(candidates):
+        try:
+            check_dist_checkpoint(checkpoint_dir(root, candidate))
+            return candidate
+        except UnsafeCheckpointError:
+            raise
+        except (ValueError, FileNotFoundError) as error:
+            problems.append(str(error))
+            _warn(f"skipping incomplete checkpoint: {error}")
+    raise CheckpointError(f"{root}: every checkpoint is incomplete (newest: {problems[0]}).")
+
+
+def _check_or_raise(directory) -> None:
+    try:
+        check_dist_checkpoint(directory)
+    except UnsafeCheckpointError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise CheckpointError(f"{error} Choose another --iteration.") from None
+
+
+def prune_checkpoints(root, keep_last: int) -> list[int]:
+    """Deletes all but the newest `keep_last` finished checkpoints; returns those deleted.
+
+    Rank 0 only; call after a save has finished (every rank past its barrier).
+    """
+    if not _is_rank0() or keep_last <= 0:
+        return []
+    old = saved_iterations(root)[:-keep_last]
+    for iteration in old:
+        shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
+    return old
+
+
+class SaveLock:
+    """A lock file in `--save` naming the host and process of the one run writing there.
+
+    A lock left by a process that no longer runs on this host (a killed run) is stale and taken
+    over; a lock from another host cannot be checked and must be removed by hand.
+    """
+
+    def __init__(self, root):
+        self.path = Path(root) / LOCK_FILE
+        self.owned = False
+
+    def acquire(self) -> None:
+        """Raises CheckpointError naming the owner when another live run holds the lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = f"{socket.gethostname()} {os.getpid()}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    raise CheckpointError(self._held_message()) from None
+                _warn(f"removing the stale lock {self.path} ({self._owner()}: not running).")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(mine)
+            self.owned = True
+            return
+        raise CheckpointError(self._held_message())
+
+    def _owner(self) -> str:
+        try:
+            return self.path.read_text().strip() or "an unknown process"
+        except FileNotFoundError:
+            return "nobody"
+
+    def _stale(self) -> bool:
+        parts = self._owner().split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            return False
+        host, pid = parts[0], int(parts[1])
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _held_message(self) -> str:
+        host_pid = self._owner().split()
+        who = f"pid {host_pid[1]} on host {host_pid[0]}" if len(host_pid) == 2 else self._owner()
+        return (
+            f"--save {self.path.parent} is in use by another run ({who}; lock file {self.path}). "
+            "Wait for it, choose another --save, or delete the lock file if that run is gone."
+        )
+
+    def release(self) -> None:
+        if self.owned:
+            self.path.unlink(missing_ok=True)
+            self.owned = False
+
+
 def read_extra_state(root, iteration: int) -> dict:
     """The `extra` state of a checkpoint, read without loading any tensor."""
+    check_dist_checkpoint(checkpoint_dir(root, iteration))
     return dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, iteration))).get(
         "extra", {}
     )
@@ -128,12 +335,13 @@ def load_checkpoint(
         FileNotFoundError: with the directory searched, when no checkpoint is there.
     """
     if iteration is None:
-        iteration = latest_iteration(root)
+        iteration = select_checkpoint(root)
         if iteration is None:
             raise FileNotFoundError(f"No checkpoint under {root}: {LATEST_FILE} is missing.")
     directory = checkpoint_dir(root, iteration)
     if not directory.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {directory} does not exist.")
+    check_dist_checkpoint(directory)  # never unpickle code: megatron reads .metadata next
     if optimizer is not None:
         prepare_for_loading(optimizer)
     state = _sharded_state(chunks, optimizer, iteration, is_loading=True)

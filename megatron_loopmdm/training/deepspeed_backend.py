@@ -398,6 +398,28 @@ def register_sequence_parallel_grad_hooks(model: torch.nn.Module) -> int:
     return count
 
 
+# The classes DeepSpeed pickles into its optimizer files (ZeRO 1-3, fp32/bf16/fp16).
+DEEPSPEED_ALLOWED_GLOBALS = (
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
+
+
+def _read_checkpoints_safely(engine) -> None:
+    """Makes the engine read its files with `torch.load(weights_only=True)` and the allow-list
+    (DeepSpeed's own reader uses `weights_only=False`, which runs code from a crafted file)."""
+    import importlib
+
+    from megatron_loopmdm.training.safe_load import safe_torch_load
+
+    allowed = [getattr(importlib.import_module(m), n) for m, n in DEEPSPEED_ALLOWED_GLOBALS]
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(
+        path, map_location, allowed
+    )
+
+
 class DeepSpeedTrainer:
     """A `LoopMDMModel` trained by a DeepSpeed engine (ZeRO stage from the config).
 
@@ -556,6 +578,7 @@ class DeepSpeedTrainer:
                 f"--load {load_dir}: no DeepSpeed checkpoint (no 'latest' file). Point --load at "
                 "the --save directory of a --deepspeed run."
             )
+        _read_checkpoints_safely(self.engine)
         path, client_state = self.engine.load_checkpoint(str(load_dir))
         if path is None:
             raise FileNotFoundError(f"--load {load_dir}: DeepSpeed found no checkpoint to load.")

@@ -29,6 +29,15 @@ from megatron_loopmdm.models.pipeline_layout import resolve_pipeline_layout
 from megatron_loopmdm.models.sizes import ModelSize, get_model_size
 from megatron_loopmdm.training.flops import flops_per_token
 from megatron_loopmdm.training.logging import TrainingLogger, print_rank_last
+from megatron_loopmdm.training.resume import (
+    STOP_SIGNALS,
+    acquire_save_lock,
+    check_checkpoint_format,
+    check_mask_token_id,
+    check_schedule,
+    match_param_group_lrs,
+    save_unless_diverging,
+)
 from megatron_loopmdm.training.setup import (
     build_model_chunks,
     build_optimizer,
@@ -105,6 +114,7 @@ def _vocab_and_tokenizer(args):
         args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
     )
     mask_token_id = tokenizer.mask if args.mask_token_id is None else args.mask_token_id
+    check_mask_token_id(mask_token_id, tokenizer.vocab_size, "the tokenizer's vocabulary")
     return tokenizer, tokenizer.vocab_size, mask_token_id
 
 
@@ -295,6 +305,7 @@ class Run:
             self.chunks = wrap_with_ddp(self.config, self.chunks, ddp_config)
             self.optimizer = build_optimizer(self._optimizer_config(), self.chunks)
         decay_iters = args.lr_decay_iters or args.train_iters
+        override = getattr(args, "override_opt_param_scheduler", False)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,
@@ -309,6 +320,9 @@ class Run:
             wd_incr_style="constant",
             wsd_decay_steps=args.lr_wsd_decay_iters,
             lr_wsd_decay_style=args.lr_wsd_decay_style,
+            # Differences are refused (or chosen by flag) in check_schedule before loading.
+            override_opt_param_scheduler=override,
+            use_checkpoint_opt_param_scheduler=not override,
         )
 
     def step(self, num_loops: int, micro: list, iteration: int = 0):
@@ -451,30 +465,39 @@ class Run:
             )
         iteration, extra = self.trainer.load_checkpoint(args.load)
         if "scheduler" in extra:
+            check_schedule(args, extra["scheduler"], self.scheduler.state_dict())
             self.scheduler.load_state_dict(extra["scheduler"])
+            if getattr(args, "override_opt_param_scheduler", False):
+                self.trainer.set_lr(self.scheduler.get_lr(self.optimizer.param_groups[0]))
         print_rank_last(f" resumed from {args.load} at iteration {iteration}")
         return iteration, extra.get("skipped_iterations", 0)
 
     def load(self) -> tuple[int, int]:
         """Loads `--load`; returns (iteration, skipped iterations) to continue from."""
         args = self.args
+        check_checkpoint_format(args.load, deepspeed=self.trainer is not None)
         if self.trainer is not None:
             if args.load == args.save and not os.path.isfile(os.path.join(args.load, "latest")):
                 return 0, 0
             return self._load_deepspeed()
-        if ckpt.latest_iteration(args.load) is None:
+        chosen = ckpt.select_checkpoint(args.load, getattr(args, "iteration", None))
+        if chosen is None:
             if args.load == args.save:
                 return 0, 0  # a fresh run that will save where it would resume from
             raise FileNotFoundError(
                 f"--load {args.load}: no checkpoint there ({ckpt.LATEST_FILE} is missing)."
             )
-        self.check_checkpoint_compatible(
-            ckpt.read_extra_state(args.load, ckpt.latest_iteration(args.load))
-        )
+        saved = ckpt.read_extra_state(args.load, chosen)
+        self.check_checkpoint_compatible(saved)
         weights_only = args.finetune or args.no_load_optim
+        if not weights_only and "scheduler" in saved:
+            check_schedule(args, saved["scheduler"], self.scheduler.state_dict())
+            restore = match_param_group_lrs(self.optimizer, saved["scheduler"])
         iteration, extra = ckpt.load_checkpoint(
-            args.load, self.chunks, None if weights_only else self.optimizer
+            args.load, self.chunks, None if weights_only else self.optimizer, chosen
         )
+        if not weights_only and "scheduler" in saved and args.override_opt_param_scheduler:
+            restore()
         if args.finetune:
             print_rank_last(
                 f" loaded weights from {args.load} (iteration {iteration}) for "
@@ -546,7 +569,10 @@ def train(run: Run) -> None:
     def _on_signal(signum, _frame):
         stop["signal"] = signum
 
-    signal.signal(signal.SIGTERM, _on_signal)
+    if args.save:
+        ckpt.start_writer_helper()  # before any signal can arrive: see its docstring
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _on_signal)
     while iteration < args.train_iters and not any_rank(stop["signal"] is not None):
         num_loops = draw_num_loops(run.loop_config, args.seed, iteration)
         for chunk in run.chunks:
@@ -584,19 +610,26 @@ def train(run: Run) -> None:
             if nelbo is not None:
                 logger.log_validation(iteration, nelbo, eval_loops)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            run.save(iteration, skipped)
+            save_unless_diverging(run, iteration, skipped, consecutive_skipped)
     stopped = iteration < args.train_iters
-    if args.save and (stopped or not args.save_interval or iteration % args.save_interval):
-        run.save(iteration, skipped)
+    # (A stop at a multiple of --save-interval has just been saved by the periodic save.)
+    if args.save and (not args.save_interval or iteration % args.save_interval):
+        save_unless_diverging(run, iteration, skipped, consecutive_skipped)
     logger.close()
     if stopped:
-        print_rank_last(f" stopped by SIGTERM at iteration {iteration}")
+        name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
+        print_rank_last(f" stopped by {name} at iteration {iteration}")
 
 
 def pretrain(args) -> None:
     """Builds the run from parsed arguments and trains it."""
     run = Run(args)
+    lock = None
     try:
+        if args.save:
+            lock = acquire_save_lock(args.save)
         train(run)
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()

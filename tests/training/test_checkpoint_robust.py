@@ -1,0 +1,196 @@
+"""Preemption, kill -9 at random moments, broken and tampered checkpoints, resume rules.
+
+Real torchrun processes on CPU. One uninterrupted reference run per data-parallel size is shared
+by the preemption and chaos tests: every interrupted-and-resumed iteration must equal it to the
+bit (loss, grad norm, loops, learning rate).
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.utils import REPO, free_port, run_torchrun
+
+SCRIPT = REPO / "pretrain_loopmdm.py"
+ITERS = 16
+BASE = [
+    "--model-size", "debug", "--mock-data", "--vocab-size", 64, "--micro-batch-size", 4,
+    "--global-batch-size", 8, "--lr", 1e-2, "--lr-decay-style", "constant", "--log-interval", 1,
+    "--train-iters", ITERS,
+]  # fmt: skip
+
+
+def pretrain(nproc, *args, ok=True):
+    result = run_torchrun(SCRIPT, nproc, [str(a) for a in (*BASE, *args)])
+    if ok:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def launch(nproc, args, log):
+    """torchrun in its own session, so the test can signal its whole process group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), str(SCRIPT), *map(str, (*BASE, *args))]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+    )
+
+
+def wait_for(predicate, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def kill_tree(process):
+    """SIGKILL torchrun, its workers (own sessions) and every helper they started."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    procs = [*parent.children(recursive=True), parent]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    psutil.wait_procs(procs, timeout=10)
+
+
+def latest(ckpt):
+    return int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted curves at DP=1 and DP=2 (computed once, on first use)."""
+    root, curves = tmp_path_factory.mktemp("reference"), {}
+
+    def curve(nproc):
+        if nproc not in curves:
+            path = root / f"dp{nproc}.jsonl"
+            pretrain(nproc, "--metrics-file", path)
+            curves[nproc] = metrics(path)
+            assert len(curves[nproc]) == ITERS
+        return curves[nproc]
+
+    return curve
+
+
+def assert_matches_reference(path, reference_curve, first):
+    resumed = metrics(path)
+    assert [m["iteration"] for m in resumed] == list(range(first + 1, ITERS + 1))
+    assert resumed == reference_curve[first:]  # to the bit
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_the_torchrun_process_group_saves_and_resumes_exactly(
+    tmp_path, reference, nproc
+):
+    ckpt, log_path = tmp_path / "ckpt", tmp_path / "preempted.log"
+    with open(log_path, "w") as log:
+        process = launch(
+            nproc, ["--save", ckpt, "--save-interval", 2, "--metrics-file", tmp_path / "a.jsonl"],
+            log,
+        )  # fmt: skip
+        # After a periodic save (which starts the writer's helper process), mid-run.
+        wait_for(
+            lambda: (ckpt / "iter_0000002").is_dir() and len(metrics(tmp_path / "a.jsonl")) >= 5,
+            process,
+            timeout=300,
+        )
+        os.killpg(process.pid, signal.SIGTERM)  # what scancel and `kill -TERM -PGID` do
+        process.wait(timeout=120)
+    text = log_path.read_text()
+    stopped = len(metrics(tmp_path / "a.jsonl"))
+    assert stopped < ITERS, "the run finished before the signal; nothing was tested"
+    # (torchrun prints its own traceback for the signal it got; the workers print none.)
+    assert "BrokenPipeError" not in text and "[rank" not in text, text[-3000:]
+    assert 'pretrain_loopmdm.py", line' not in text, text[-3000:]
+    assert f"stopped by SIGTERM at iteration {stopped}" in text
+    assert latest(ckpt) == stopped  # the stop-save, not the last periodic save
+    pretrain(nproc, "--load", ckpt, "--save", ckpt, "--metrics-file", tmp_path / "b.jsonl")
+    assert_matches_reference(tmp_path / "b.jsonl", reference(nproc), stopped)
+
+
+def test_kill_9_at_random_moments_resumes_from_the_newest_complete_checkpoint(
+    tmp_path, reference
+):
+    """SIGKILL the whole tree during steps, saves or renames; every resume is exact."""
+    ckpt, rng = tmp_path / "ckpt", random.Random(16)
+    run_args = ["--load", ckpt, "--save", ckpt, "--save-interval", 1, "--keep-last", 2]
+    done, kills = 0, 0
+    for attempt in range(4):
+        out = tmp_path / f"m{attempt}.jsonl"
+        with open(tmp_path / f"log{attempt}", "w") as log:
+            process = launch(1, [*run_args, "--metrics-file", out], log)
+            target = done + rng.randint(1, 4)
+            wait_for(lambda: len(metrics(out)) >= target - done, process)
+            time.sleep(rng.uniform(0.0, 0.15))  # lands in a step, a save or a rename
+            if process.poll() is None:
+                kill_tree(process)
+                kills += 1
+        got = metrics(out)
+        if got:
+            first = got[0]["iteration"] - 1
+            assert first == done, f"attempt {attempt} resumed at {first}, newest complete {done}"
+            assert got == reference(1)[first : first + len(got)]
+        complete = [int(p.name[5:]) for p in ckpt.glob("iter_???????")]
+        assert len(complete) <= 2  # --keep-last 2
+        done = max(complete, default=0)
+    assert kills >= 3
+    result = pretrain(1, *run_args, "--metrics-file", tmp_path / "final.jsonl")
+    if done:
+        assert f"resumed from {ckpt} at iteration {done}" in result.stdout
+    assert_matches_reference(tmp_path / "final.jsonl", reference(1), done)
+
+
+def test_raised_train_iters_needs_a_schedule_flag_and_override_continues_at_the_right_lr(
+    tmp_path,
+):
+    ckpt, linear = tmp_path / "ckpt", ["--lr-decay-style", "linear"]
+    pretrain(1, *linear, "--train-iters", 4, "--save", ckpt)
+    refused = pretrain(1, *linear, "--train-iters", 8, "--load", ckpt, ok=False)
+    assert refused.returncode == 1
+    assert "--lr-decay-iters (default --train-iters): checkpoint 4, flags 8" in refused.stderr
+    assert "--override-opt-param-scheduler" in refused.stderr
+    assert "[rank0]: Traceback" not in refused.stderr
+    pretrain(1, *linear, "--train-iters", 8, "--lr", 2e-2, "--load", ckpt,
+             "--override-opt-param-scheduler", "--metrics-file", tmp_path / "m.jsonl")  # fmt: skip
+    lrs = [m["learning_rate"] for m in metrics(tmp_path / "m.jsonl")]
+    # Linear decay of the new --lr 2e-2 over the new 8 iterations, from step 5: not LR 0.
+    assert lrs == pytest.approx([2e-2 * (1 - k / 8) for k in (5, 6, 7, 8)])
+
+
+def test_no_saves_during_a_non_finite_streak(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    result = pretrain(1, "--lr", 1e12, "--max-skipped-iterations", 3, "--save", ckpt,
+                      "--save-interval", 1, "--metrics-file", out, ok=False)  # fmt: skip
+    assert result.returncode == 1
+    steps = metrics(out)
+    last_finite = max(m["iteration"] for m in steps if not m["skipped"])
+    assert steps[-1]["skipped"] and last_finite < steps[-1]["iteration"]
+    assert latest(ckpt) == last_finite
+    assert sorted(int(p.name[5:]) for p in ckpt.glob("iter_???????"))[-1] == last_finite
+    assert "not saving at iteration" in result.stdout
+
+
+def test_argument_errors_print_the_usage_once():
+    result = run_torchrun(SCRIPT, 2, [*map(str, BASE), "--mask-token-id", "100"])
+    assert result.returncode != 0
+    assert result.stderr.count("usage: pretrain_loopmdm.py") == 1
+    assert result.stderr.count("--mask-token-id 100 is outside the vocabulary") == 1
