@@ -15,14 +15,20 @@ import torch
 from torch import Tensor
 
 
-def _attention_probs(attn, x: Tensor, rotary, attn_mask) -> Tensor:
-    """[b, heads, s, s] softmax weights of a `LoopMDMAttention` on its input x [b, s, h]."""
+def _attention_probs(attn, x: Tensor, rotary, attn_mask, kv=None) -> Tensor:
+    """[b, heads, s, s] softmax weights of a `LoopMDMAttention` on its input x [b, s, h].
+
+    The analysis runs uncached full passes, so `kv` (the module's cache argument) is None.
+    """
+    assert kv is None, "mask-to-mask attention is measured on uncached passes"
     from megatron_loopmdm.hf.modeling_loopmdm import apply_rotary
 
     b, s, _ = x.shape
     # [b, s, heads * hn] -> [b, heads, s, hn]
     q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rotary is not None:
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
     k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
