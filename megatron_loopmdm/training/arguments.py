@@ -193,12 +193,14 @@ def validate_resilience_args(args) -> list[str]:
         "Choose one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler.",
         errors,
     )
+    # An imported AR model may add [MASK] as a new embedding row past the data's ids
+    # (--padded-vocab-size); otherwise it must be one of the vocabulary's ids.
+    rows = args.padded_vocab_size or args.vocab_size
     _check(
-        not args.mock_data
-        or args.mask_token_id is None
-        or 0 <= args.mask_token_id < args.vocab_size,
+        not args.mock_data or args.mask_token_id is None or 0 <= args.mask_token_id < rows,
         f"--mask-token-id {args.mask_token_id} is outside the vocabulary (--vocab-size "
-        f"{args.vocab_size}); use an id below {args.vocab_size}.",
+        f"{args.vocab_size}, --padded-vocab-size {args.padded_vocab_size}); use an id below "
+        f"{rows}.",
         errors,
     )
     return errors
