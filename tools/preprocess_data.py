@@ -178,9 +178,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130
+    # The output is complete and committed: a late signal must not turn success into a kill.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(summary.format())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalisation, which restores the default handlers: a signal arriving
+    # then would kill a run that has already finished (exit -2 with nothing said).
+    os._exit(code)
