@@ -325,15 +325,22 @@ def convert_hf_to_checkpoint(load, save, iteration: int = 0) -> Path:
         "mask_token_id": config.mask_token_id,
     }
     tensors = mapping.hf_to_megatron(hf_model.state_dict(), config)
+    return save_weights_as_checkpoint(extra, tensors, save, iteration, dtype)
+
+
+def save_weights_as_checkpoint(
+    extra: dict, tensors: dict, save, iteration: int, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Builds the TP=1/PP=1 model of `extra`, fills it with `tensors` (every tensor of its state
+    dict must be given) and saves it as a dist checkpoint; -> the iteration directory."""
     with single_process_group():
         model = build_megatron_model(extra, dtype)
         state = model.state_dict()
         unknown = [k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in tensors]
-        assert not unknown, f"no HF weight maps to {unknown}"
+        assert not unknown, f"no source weight maps to {unknown}"
         state.update(tensors)
         model.load_state_dict(state, strict=True)
-        directory = ckpt.save_checkpoint(save, iteration, [model], optimizer=None, extra=extra)
-    return directory
+        return ckpt.save_checkpoint(save, iteration, [model], optimizer=None, extra=extra)
 
 
 def load_for_inference(

@@ -21,12 +21,10 @@ from typing import Optional
 from megatron_loopmdm.hf.checkpoint import (
     TOKENIZER_FILES,
     ConversionError,
-    build_megatron_model,
-    single_process_group,
+    save_weights_as_checkpoint,
 )
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.sizes import ModelSize
-from megatron_loopmdm.training import checkpointing as ckpt
 
 import torch
 
@@ -325,13 +323,6 @@ def import_ar_model(
         "mask_token_id": mask_id,
         "imported_layers": layers,
     }
-    with single_process_group():
-        model = build_megatron_model(extra)
-        state = model.state_dict()
-        missing = [k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in tensors]
-        assert not missing, f"no pretrained weight maps to {missing}"
-        state.update(tensors)
-        model.load_state_dict(state, strict=True)
-        directory = ckpt.save_checkpoint(save, iteration, [model], optimizer=None, extra=extra)
+    directory = save_weights_as_checkpoint(extra, tensors, save, iteration)
     (save / FLAGS_FILE).write_text(" ".join(pretrain_flags(extra, tokenizer_dir)) + "\n")
     return directory
