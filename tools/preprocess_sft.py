@@ -24,7 +24,6 @@ from megatron_loopmdm.data.sft import _chat_template, encode_example, sft_prefix
 from megatron_loopmdm.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 import numpy
-from megatron.core.datasets.indexed_dataset import DType
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +54,7 @@ def convert(args, output_prefix: str, shard_index: int, num_shards: int) -> dict
     units = readers.plan_shard(files, "jsonl", shard_index, num_shards)
     text_prefix, mask_prefix = sft_prefixes(output_prefix)
     writers = [
-        pp.AtomicIndexedWriter(text_prefix, DType.optimal_dtype(tokenizer.vocab_size)),
+        pp.AtomicIndexedWriter(text_prefix, pp.optimal_dtype(tokenizer.vocab_size)),
         pp.AtomicIndexedWriter(mask_prefix, numpy.uint8),
     ]
     counts = {"examples": 0, "tokens": 0, "response_tokens": 0, "too_long": 0, "bad": 0}

@@ -12,12 +12,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.data.config import DataConfig
 from megatron_loopmdm.data.indexed import check_indexed_dataset, check_metadata, check_vocab
+from megatron_loopmdm.data.tokenizers import _TokenizerBase
 
 import numpy
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+# Our tokenizers implement megatron-core's tokenizer interface without importing it (so that
+# preprocessing starts fast); declare them to megatron-core here, where its datasets use them.
+MegatronTokenizerBase.register(_TokenizerBase)
 
 PADDING_DOCUMENT_ID = -1
 

@@ -1,4 +1,6 @@
-"""Checking `.bin`/`.idx` pairs before megatron-core opens them, so bad files give clear errors.
+"""Writing `.bin`/`.idx` pairs, and checking them before megatron-core opens them.
+
+The writer produces megatron-core's format byte for byte without importing it (or torch).
 
 megatron-core's `IndexedDataset` asserts on a missing file or a bad header and otherwise trusts
 the index; a truncated or mismatched pair surfaces later as a numpy or segfault-like failure. These
@@ -12,10 +14,15 @@ import struct
 from dataclasses import dataclass
 from typing import List, Optional
 
-import megatron_loopmdm  # noqa: F401
-
 import numpy
-from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDatasetBuilder
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+"""The first 9 bytes of every megatron-core `.idx` file (index version 1 follows)."""
+DTYPE_CODES = {
+    1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32,
+    5: numpy.int64, 6: numpy.float64, 7: numpy.float32, 8: numpy.uint16,
+}  # fmt: skip
+"""megatron-core's `DType` codes (the `.idx` byte after the version); a test holds them equal."""
 
 METADATA_SUFFIX = ".meta.json"
 """The sidecar next to `.idx` (`{prefix}.meta.json`): vocabulary size and largest id."""
@@ -58,15 +65,14 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     idx_size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
         header = f.read(_HEADER_BYTES)
-    if len(header) < _HEADER_BYTES or header[:9] != _INDEX_HEADER:
+    if len(header) < _HEADER_BYTES or header[:9] != INDEX_HEADER:
         raise IndexedDatasetError(f"{idx_path} is not a Megatron index file (bad header).")
     version, code, num_sequences, num_boundaries = struct.unpack("<QBQQ", header[9:])
     if version != 1:
         raise IndexedDatasetError(f"{idx_path}: unsupported index version {version}.")
-    try:
-        dtype = DType.dtype_from_code(code)
-    except ValueError:
-        raise IndexedDatasetError(f"{idx_path}: unknown token dtype code {code}.") from None
+    dtype = DTYPE_CODES.get(code)
+    if dtype is None:
+        raise IndexedDatasetError(f"{idx_path}: unknown token dtype code {code}.")
     expected = _HEADER_BYTES + 12 * num_sequences + 8 * num_boundaries
     if idx_size not in (expected, expected + num_sequences):  # + optional multimodal modes
         raise IndexedDatasetError(
@@ -99,14 +105,14 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
 def check_vocab(info: IndexedDatasetInfo, vocab_size: int, tokenizer_name: str = "tokenizer"):
     """Checks that the dataset was written for a vocabulary like the tokenizer's.
 
-    Preprocessing picks the dtype from the vocabulary size (`DType.optimal_dtype`), so a dtype
+    Preprocessing picks the dtype from the vocabulary size (`optimal_dtype`), so a dtype
     other than the tokenizer's means another tokenizer wrote the data; a token id at or above the
     vocabulary size in the first document means the same.
 
     Raises:
         IndexedDatasetError: The dataset does not match the tokenizer.
     """
-    expected = DType.optimal_dtype(vocab_size)
+    expected = optimal_dtype(vocab_size)
     if info.dtype != expected:
         raise IndexedDatasetError(
             f"{info.prefix}: tokens are {numpy.dtype(info.dtype).name}, but the {tokenizer_name} "
@@ -151,8 +157,62 @@ def check_metadata(prefix: str, vocab_size: int, tokenizer_name: str = "tokenize
         )
 
 
+def optimal_dtype(vocab_size: Optional[int]) -> type:
+    """The token dtype of a vocabulary, as megatron-core's `DType.optimal_dtype` picks it."""
+    return numpy.uint16 if vocab_size is not None and vocab_size < 65500 else numpy.int32
+
+
+class IndexedWriter:
+    """Writes a `.bin`/`.idx` pair byte-identical to megatron-core's `IndexedDatasetBuilder`.
+
+    Plain numpy, so preprocessing imports neither torch nor megatron-core (seconds of start-up),
+    and one `add_documents` call writes a whole batch. `.bin`: the tokens, back to back, in
+    `dtype`. `.idx`: the 9-byte header, version 1 (<Q), the dtype code (<B), the sequence count
+    and the document-boundary count (<Q each), then the sequence lengths (int32), the byte
+    offset of each sequence in `.bin` (int64) and the boundaries (int64: 0, then the sequence
+    count after each document).
+    """
+
+    def __init__(self, bin_path: str, dtype) -> None:
+        self.dtype = numpy.dtype(dtype)
+        self.code = next(c for c, d in DTYPE_CODES.items() if numpy.dtype(d) == self.dtype)
+        self.data_file = open(bin_path, "wb")
+        self.lengths: List[numpy.ndarray] = []
+        self.boundaries: List[numpy.ndarray] = [numpy.zeros(1, dtype=numpy.int64)]
+        self.num_sequences = 0
+
+    def add_documents(self, tokens: numpy.ndarray, lengths: List[List[int]]) -> None:
+        """Appends documents: `tokens` [sum of all lengths], `lengths[d]` = document d's
+        sequence lengths (one per sentence)."""
+        self.data_file.write(numpy.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        per_doc = numpy.fromiter((len(x) for x in lengths), dtype=numpy.int64, count=len(lengths))
+        flat = numpy.fromiter(
+            (n for x in lengths for n in x), dtype=numpy.int32, count=int(per_doc.sum())
+        )
+        self.lengths.append(flat)
+        self.boundaries.append(self.num_sequences + numpy.cumsum(per_doc))
+        self.num_sequences += flat.size
+
+    def add_document(self, tokens: numpy.ndarray, lengths: List[int]) -> None:
+        self.add_documents(tokens, [lengths])
+
+    def finalize(self, idx_path: str) -> None:
+        self.data_file.close()
+        lengths = numpy.concatenate(self.lengths) if self.lengths else numpy.zeros(0, numpy.int32)
+        boundaries = numpy.concatenate(self.boundaries)
+        pointers = numpy.zeros(lengths.size, dtype=numpy.int64)
+        numpy.cumsum(lengths[:-1].astype(numpy.int64) * self.dtype.itemsize, out=pointers[1:])
+        with open(idx_path, "wb") as f:
+            f.write(INDEX_HEADER)
+            f.write(struct.pack("<QB", 1, self.code))
+            f.write(struct.pack("<QQ", lengths.size, boundaries.size))
+            f.write(lengths.astype(numpy.int32).tobytes())
+            f.write(pointers.tobytes())
+            f.write(boundaries.astype(numpy.int64).tobytes())
+
+
 class AtomicIndexedWriter:
-    """An `IndexedDatasetBuilder` on temporary paths, renamed into place by `commit`.
+    """An `IndexedWriter` on temporary paths, renamed into place by `commit`.
 
     `commit` removes any old `.idx` first, then renames `.bin`, the metadata sidecar, then
     `.idx`: at every instant the files on disk are either the old complete set, an `.idx`-less
@@ -164,7 +224,10 @@ class AtomicIndexedWriter:
         self.tmp = f"{prefix}.tmp-{os.getpid()}"
         directory = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(directory, exist_ok=True)
-        self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=dtype)
+        self.builder = IndexedWriter(self.tmp + ".bin", dtype)
+
+    def add_documents(self, tokens: numpy.ndarray, lengths: List[List[int]]) -> None:
+        self.builder.add_documents(tokens, lengths)
 
     def add_document(self, tokens: numpy.ndarray, lengths: List[int]) -> None:
         self.builder.add_document(tokens, lengths)

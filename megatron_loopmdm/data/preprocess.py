@@ -1,11 +1,13 @@
 """Tokenizing a corpus into Megatron indexed datasets (`.bin`/`.idx`).
 
-Files are written by megatron-core's own `IndexedDatasetBuilder`, the writer Megatron-LM's
-`tools/preprocess_data.py` uses, with the same per-document content: the tokens of each text
-(a JSON list is a list of sentences, one sequence each), then the EOD id when `append_eod`, and a
-dtype of `DType.optimal_dtype(vocab_size)`. Output is named `{prefix}_{key}_document`, with a
-JSON sidecar `{prefix}_{key}_document.meta.json` (vocabulary size, largest id) that training
-checks at start-up.
+Files are byte-identical to what megatron-core's `IndexedDatasetBuilder` (the writer of
+Megatron-LM's `tools/preprocess_data.py`) writes, with the same per-document content: the tokens
+of each text (a JSON list is a list of sentences, one sequence each), then the EOD id when
+`append_eod`, and megatron-core's dtype rule (`optimal_dtype(vocab_size)`). The writer is
+`data/indexed.py`'s numpy `IndexedWriter`: preprocessing imports neither torch nor
+megatron-core. Output is named `{prefix}_{key}_document`, with a JSON sidecar
+`{prefix}_{key}_document.meta.json` (vocabulary size, largest id) that training checks at
+start-up.
 
 One process, three threads: a reader (read, decode, parse; Python), an encoder (the tokenizer
 library's batch encoder, which releases the GIL and runs on `workers` native threads), and the
@@ -30,12 +32,16 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.data import readers
-from megatron_loopmdm.data.indexed import METADATA_SUFFIX, AtomicIndexedWriter, PrefixLock  # noqa: F401
+from megatron_loopmdm.data.indexed import (  # noqa: F401
+    METADATA_SUFFIX,
+    AtomicIndexedWriter,
+    PrefixLock,
+    optimal_dtype,
+)
 from megatron_loopmdm.data.progress import Progress
 from megatron_loopmdm.data.tokenizers import build_tokenizer
 
 import numpy
-from megatron.core.datasets.indexed_dataset import DType
 
 MALFORMED_JSON = "malformed JSON"
 MISSING_KEY = "missing key"
@@ -449,7 +455,7 @@ def preprocess(config: PreprocessConfig) -> Summary:
     tokenizer.num_threads = config.workers
     if config.append_eod:
         tokenizer.eod  # noqa: B018  (raises, naming --eod-token, when there is none)
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    dtype = optimal_dtype(tokenizer.vocab_size)
     state = dict(
         tokenizer=tokenizer,
         keys=config.json_keys,
@@ -508,12 +514,9 @@ def preprocess(config: PreprocessConfig) -> Summary:
 def _write(config: PreprocessConfig, summary: Summary, writers: dict, result: dict) -> None:
     _record_errors(config, summary, result)
     for k, key in enumerate(config.json_keys):
-        tokens, offset = result["arrays"][k], 0
-        for lengths in result["lengths"]:
-            size = sum(lengths[k])
-            writers[key].add_document(tokens[offset : offset + size], lengths[k])
-            offset += size
-        summary.tokens += offset
+        tokens = result["arrays"][k]
+        writers[key].add_documents(tokens, [lengths[k] for lengths in result["lengths"]])
+        summary.tokens += tokens.size
     summary.documents += len(result["lengths"])
     summary.text_bytes += result["text_bytes"]
     summary.blank_lines += result["blank"]

@@ -1,22 +1,22 @@
 """Tokenizers for preprocessing and for megatron-core's datasets.
 
-Each class subclasses megatron-core's `MegatronTokenizerBase` (what `GPTDatasetConfig` expects)
-and adds what preprocessing needs: `encode_batch` (the tokenizer library's own batch encoder),
-`eod`, optional `pad` and `mask`, and `unique_identifiers` (megatron-core hashes these into its
-index-cache names, so they must be JSON-serialisable and stable across runs).
+Each class has megatron-core's `MegatronTokenizerBase` interface (what `GPTDatasetConfig`
+expects: `path`, `tokenize`, `detokenize`, `vocab`, `vocab_size`, `eod`, ...; `data/dataset.py`
+registers the base as a virtual subclass, so `isinstance` holds) without importing megatron-core
+here, so preprocessing starts without torch or megatron-core. They add what preprocessing
+needs: `encode_batch` (the tokenizer library's own batch encoder), `eod`, optional `pad` and
+`mask`, and `unique_identifiers` (megatron-core hashes these into its index-cache names, so they
+must be JSON-serialisable and stable across runs).
 
 Type names follow Megatron-LM's `--tokenizer-type` where one exists. Optional libraries
 (sentencepiece, tiktoken) are imported where used, with a clear error when missing.
 """
 
+import abc
 import json
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
-
-import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron imports)
-
-from megatron.core.tokenizers import MegatronTokenizerBase
 
 TOKENIZER_TYPES = (
     "HuggingFaceTokenizer",
@@ -59,13 +59,14 @@ def _fast_batch(backend):
     return getattr(backend, "encode_batch_fast", backend.encode_batch)
 
 
-class _TokenizerBase(MegatronTokenizerBase):
+class _TokenizerBase(abc.ABC):
     """Shared plumbing; subclasses set `_eod`, `_pad`, `_mask` and implement encode/decode."""
 
     library = "megatron_loopmdm"
 
     def __init__(self, path: str, **identity) -> None:
-        super().__init__(path, {"class_name": type(self).__name__})
+        self.path = path
+        self.class_name = type(self).__name__
         self._identity = identity
         self._eod: Optional[int] = None
         self._pad: Optional[int] = None
