@@ -7,8 +7,10 @@ document) on a slice of it, then for each tokenizer measures:
 * the ceiling: the tokenizer library's own `encode_batch` over the in-memory texts on all cores;
 * our tool, `--workers W --append-eod`, wall time with start-up, and its start-up alone (the
   same command on a one-document input);
-* with `--megatron-lm DIR` (a Megatron-LM checkout), Megatron-LM's tools/preprocess_data.py with
-  the same arguments (`--workers W`), wall time with start-up.
+* with `--megatron-lm DIR` (a Megatron-LM checkout, e.g. tag core_v0.19.0), Megatron-LM's
+  tools/preprocess_data.py with the same arguments (`--workers W`), wall time with start-up and
+  start-up alone, run unchanged through a small shim (triton stand-in, `typing.override`), and
+  whether its files equal ours byte for byte.
 
 Prints per tokenizer `ours_vs_megatron_lm=<our wall / theirs>` (target <= 0.67) and
 `ceiling_vs_ours=<ceiling time / our wall>` (target >= 0.95 where the ceiling is the limit).
@@ -25,6 +27,20 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
+
+# Megatron-LM's tool imports megatron-core's pipeline schedules, which import triton (absent on
+# CPU machines), and uses Python 3.12's `typing.override`: this runs it unchanged, with the
+# package's triton stand-in and typing_extensions' `override`.
+MEGATRON_LM_SHIM = """
+import runpy, sys, typing
+from megatron_loopmdm._compat import prepare_megatron_import
+prepare_megatron_import()
+if not hasattr(typing, "override"):
+    import typing_extensions
+    typing.override = typing_extensions.override
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run(cmd, env=None):
@@ -110,11 +126,14 @@ def main() -> None:
         line = (f"{name}: ceiling {ceiling:.1f} s; ours {ours:.1f} s wall (start-up "
                 f"{startup:.1f} s); ceiling_vs_ours={ceiling / ours:.3f}")  # fmt: skip
         if args.megatron_lm:
-            env = {**os.environ, "PYTHONPATH": args.megatron_lm}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, args.megatron_lm])}
             tool = os.path.join(args.megatron_lm, "tools", "preprocess_data.py")
             prefix = f"{work}/{name}_megatron"
-            _, theirs = run([py, tool, *common, "--input", corpus, "--output-prefix", prefix], env)
-            line += f"; Megatron-LM {theirs:.1f} s wall; ours_vs_megatron_lm={ours / theirs:.3f}"
+            theirs_cmd = [py, "-c", MEGATRON_LM_SHIM, tool, *common]
+            _, their_startup = run([*theirs_cmd, "--input", one, "--output-prefix", prefix], env)
+            _, theirs = run([*theirs_cmd, "--input", corpus, "--output-prefix", prefix], env)
+            line += (f"; Megatron-LM {theirs:.1f} s wall (start-up {their_startup:.1f} s); "
+                     f"ours_vs_megatron_lm={ours / theirs:.3f}")  # fmt: skip
             same = all(
                 open(f"{prefix}_text_document{s}", "rb").read()
                 == open(f"{work}/{name}_ours_text_document{s}", "rb").read()
