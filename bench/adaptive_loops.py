@@ -11,7 +11,7 @@ each forward pass at its deepest row, `probes` are the coda + output-layer read-
 --calibration (a validation split; a file named test* is refused). Fixed S < S_max rows are
 printed for reference and do not count as adaptive. The last line is
 `adaptive_loop_savings=<fixed S_max / adaptive loop evaluations of the cheapest adaptive policy
-whose exact match is within 0.5 points of fixed S_max>` (1.000 if none is).
+whose exact match is at most 0.5 points below fixed S_max>` (1.000 if none is).
 
 Without --load it trains the tests' tiny model in-process and uses its own digit language
 (prompt: two digits, answer: the next ten of the sequence), validation and test drawn apart.

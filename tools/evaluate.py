@@ -231,7 +231,7 @@ def _exact_match_policy(args, model, examples, tokenizer, stop, sampler) -> dict
     """With a loop-policy flag: exact match and loop evaluations of that policy."""
     from megatron_loopmdm.evaluation.exact_match import exact_match_per_policy
 
-    policy = loop_policy_from_args(args)
+    policy = loop_policy_from_args(args, fixed=False)
     if policy.unset:
         return {}
     name = policy.describe(model.config.max_loops)

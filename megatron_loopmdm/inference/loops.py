@@ -55,8 +55,11 @@ def add_loop_policy_arguments(parser: argparse.ArgumentParser, fixed: bool = Tru
                        help=f"ignore the model's calibrated {SCHEDULE_FILE}")  # fmt: skip
 
 
-def loop_policy_from_args(args) -> LoopPolicy:
-    """The `LoopPolicy` of parsed `add_loop_policy_arguments` flags (ValueError if invalid)."""
+def loop_policy_from_args(args, fixed: bool = True) -> LoopPolicy:
+    """The `LoopPolicy` of parsed `add_loop_policy_arguments` flags (ValueError if invalid).
+
+    `fixed`: the flags include `--num-loops S` (False where `--num-loops` is a list of S).
+    """
     calibrated = not args.no_loop_schedule
     if args.loop_schedule:
         return LoopPolicy(schedule=LoopPolicy.parse_schedule(args.loop_schedule).schedule)
@@ -67,4 +70,4 @@ def loop_policy_from_args(args) -> LoopPolicy:
             stop=args.loop_stop, per=args.loop_per, patience=args.loop_patience,
             budget=args.loop_budget,
         )  # fmt: skip
-    return LoopPolicy(num_loops=getattr(args, "num_loops", None), calibrated=calibrated)
+    return LoopPolicy(num_loops=args.num_loops if fixed else None, calibrated=calibrated)

@@ -143,3 +143,16 @@ def test_generate_cli_calibrates_then_uses_the_schedule(tmp_path):
     default = run("--prompt", "the cat")
     schedule = ",".join(map(str, record["schedule"]))
     assert f"loops: calibrated schedule {schedule}" in default.stdout, default.stdout[-2000:]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "the cat", "answer": "sat"}) + "\n"
+                            for _ in range(3)))  # fmt: skip
+    scored = subprocess.run(
+        [sys.executable, "-W", "ignore", str(REPO / "tools" / "evaluate.py"), "exact-match",
+         "--load", str(paths["hf"]), "--data", str(data), "--num-loops", "1", "--adaptive-loops",
+         "--loop-stop", "argmax", "--loop-per", "sample", "--max-loops", "3",
+         "--output-dir", str(tmp_path / "eval")], capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    (policy,) = json.loads((tmp_path / "eval" / "exact_match.json").read_text())["policy"]
+    assert "argmax" in policy["policy"] and policy["total"] == 3
+    assert 2 <= policy["loop_evaluations"] and policy["probe_evaluations"] > 0
