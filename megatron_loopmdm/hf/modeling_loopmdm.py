@@ -523,6 +523,8 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
                  "loop_per": "per", "loop_patience": "patience", "loop_budget": "budget",
                  "loop_schedule": "schedule", "loop_threshold": "threshold"}  # fmt: skip
         loops = {names[k]: sampler_options.pop(k) for k in names if k in sampler_options}
+        if isinstance(loops.get("schedule"), str):  # "1,2,4" as on the command line
+            loops["schedule"] = LoopPolicy.parse_schedule(loops["schedule"]).schedule
         if loop_policy is not None and (loops or num_loops is not None):
             raise ValueError("give loop_policy or num_loops / loop_* options, not both.")
         policy = loop_policy or LoopPolicy(num_loops=num_loops, **loops)
