@@ -20,7 +20,10 @@ number after `####`). `exact-match` samples the answer to each `prompt` of a JSO
 (e.g. tools/make_reasoning_tasks.py's test.jsonl) and compares it with `answer`, per loop
 count, `task` and `difficulty`: OUT/exact_match.{csv,md,png,json} and
 OUT/exact_match_predictions.jsonl (with --nelbo-samples K, also the answers' NELBO per loop
-count in the JSON). Exit codes: 0 done, 1 bad input.
+count in the JSON). With a loop-policy flag (`--adaptive-loops --loop-stop argmax --loop-per
+sample`, `--loop-schedule 1,2`, `--loop-budget 2`, ...; see tools/generate.py) it also scores
+that policy with its loop evaluations per sample: OUT/exact_match_policy.md and the JSON's
+`policy`. Exit codes: 0 done, 1 bad input.
 """
 
 import argparse
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
 from megatron_loopmdm.evaluation.report import format_table, write_table_and_plot
+from megatron_loopmdm.inference.loops import add_loop_policy_arguments, loop_policy_from_args
 
 import torch
 
@@ -83,6 +87,7 @@ def parse_args(argv=None):
     exact.add_argument("--batch-size", type=int, default=32)
     exact.add_argument("--nelbo-samples", type=int, default=0,
                        help="also the answers' NELBO with K Monte Carlo draws (0: off)")
+    add_loop_policy_arguments(exact, fixed=False)  # also this policy: OUT/exact_match_policy.*
     harness = commands.add_parser("lm-eval", help="lm-evaluation-harness tasks (needs lm_eval)")
     _common(harness, data=False)
     harness.add_argument("--tasks", nargs="+", required=True)
@@ -210,6 +215,7 @@ def run_exact_match(args, model) -> list:
     with open(out / "exact_match_predictions.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p) + "\n" for p in predictions)
     report = {"data": str(args.data), "load": str(args.load), "rows": rows}
+    report.update(_exact_match_policy(args, model, examples, tokenizer, stop, sampler))
     if args.nelbo_samples > 0:
         report["nelbo"] = answer_nelbo_per_loops(
             model, examples, tokenizer.tokenize, args.num_loops, tokenizer.eod,
@@ -219,6 +225,27 @@ def run_exact_match(args, model) -> list:
     (out / "exact_match.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_table(rows, columns))
     return rows
+
+
+def _exact_match_policy(args, model, examples, tokenizer, stop, sampler) -> dict:
+    """With a loop-policy flag: exact match and loop evaluations of that policy."""
+    from megatron_loopmdm.evaluation.exact_match import exact_match_per_policy
+
+    policy = loop_policy_from_args(args, fixed=False)
+    if policy.unset:
+        return {}
+    name = policy.describe(model.config.max_loops)
+    rows = exact_match_per_policy(
+        model, examples, tokenizer.tokenize, tokenizer.detokenize, {name: policy}, stop,
+        sampler, args.batch_size, args.seed,
+    )  # fmt: skip
+    columns = ["policy", "exact_match", "correct", "total", "loop_evaluations",
+               "active_position_loops", "probe_evaluations"]  # fmt: skip
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exact_match_policy.md").write_text(format_table(rows, columns) + "\n")
+    print(format_table(rows, columns))
+    return {"policy": rows}
 
 
 def run_lm_eval(args, model):

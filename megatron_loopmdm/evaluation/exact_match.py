@@ -61,6 +61,52 @@ def _score_rows(loops: int, examples, correct: List[bool]) -> List[Dict]:
 
 
 @torch.no_grad()
+def sample_answers(
+    model,
+    examples: Sequence[Dict],
+    encode: Callable[[str], List[int]],
+    decode: Callable[[List[int]], str],
+    policy: LoopPolicy,
+    stop_ids: Sequence[int],
+    sampler: Optional[SamplerConfig] = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Tuple[List[str], List[bool], Dict]:
+    """Samples an answer to every prompt with one loop policy; -> (texts, correct, costs).
+
+    The noise is seeded per (task, difficulty) group, so every policy sees the same prompts
+    in the same batches with the same seeds. `costs`: `loop_evaluations` (mean loop-block runs
+    computed per sample, the cost that per-sample stopping really saves), `pass_loop_evaluations`
+    (summed over passes, the deepest row of each), `active_position_loops`,
+    `probe_evaluations`, `model_flops` (summed over calls), `samples`.
+    """
+    groups = _groups(examples)
+    prompts = [encode(e["prompt"]) for e in examples]
+    texts = [""] * len(examples)
+    costs = {"loop_evaluations": 0.0, "pass_loop_evaluations": 0, "active_position_loops": 0,
+             "probe_evaluations": 0, "model_flops": 0.0, "samples": len(examples)}  # fmt: skip
+    for g, indices in enumerate(groups.values()):
+        config = _group_sampler(sampler, [examples[i] for i in indices], encode, policy)
+        generator = torch.Generator().manual_seed(seed * 1000 + g)
+        for first in range(0, len(indices), batch_size):
+            chunk = indices[first : first + batch_size]
+            result = generate(model, [prompts[i] for i in chunk], config, generator=generator)
+            for i, ids in zip(chunk, result.generated.tolist()):
+                texts[i] = decode(cut_at_stop(ids, stop_ids))
+            costs["loop_evaluations"] += float(result.loops_per_row.sum())
+            costs["pass_loop_evaluations"] += result.loop_evaluations
+            costs["active_position_loops"] += result.active_position_loops
+            costs["probe_evaluations"] += result.probe_evaluations
+            costs["model_flops"] += result.model_flops or 0.0
+    costs["loop_evaluations"] /= max(len(examples), 1)
+    correct = [
+        normalize_answer(text) == normalize_answer(str(e["answer"]))
+        for text, e in zip(texts, examples)
+    ]
+    return texts, correct, costs
+
+
+@torch.no_grad()
 def exact_match_per_loops(
     model,
     examples: Sequence[Dict],
@@ -91,23 +137,12 @@ def exact_match_per_loops(
         `exact_match`, `correct`, `total`; one prediction dict per example and loop count
         (the example's fields plus `num_loops`, `prediction`, `correct`).
     """
-    groups = _groups(examples)
-    prompts = [encode(e["prompt"]) for e in examples]
     rows, predictions = [], []
     for loops in num_loops:
-        texts = [""] * len(examples)
-        for g, indices in enumerate(groups.values()):
-            config = _group_sampler(sampler, [examples[i] for i in indices], encode, loops)
-            generator = torch.Generator().manual_seed(seed * 1000 + g)
-            for first in range(0, len(indices), batch_size):
-                chunk = indices[first : first + batch_size]
-                result = generate(model, [prompts[i] for i in chunk], config, generator=generator)
-                for i, ids in zip(chunk, result.generated.tolist()):
-                    texts[i] = decode(cut_at_stop(ids, stop_ids))
-        correct = [
-            normalize_answer(text) == normalize_answer(str(e["answer"]))
-            for text, e in zip(texts, examples)
-        ]
+        texts, correct, _ = sample_answers(
+            model, examples, encode, decode, LoopPolicy(num_loops=loops), stop_ids, sampler,
+            batch_size, seed,
+        )  # fmt: skip
         rows += _score_rows(loops, examples, correct)
         predictions += [
             {**e, "num_loops": loops, "prediction": text, "correct": ok}
@@ -116,11 +151,39 @@ def exact_match_per_loops(
     return rows, predictions
 
 
-def _group_sampler(sampler, group, encode, loops: int) -> SamplerConfig:
+@torch.no_grad()
+def exact_match_per_policy(
+    model,
+    examples: Sequence[Dict],
+    encode: Callable[[str], List[int]],
+    decode: Callable[[List[int]], str],
+    policies: Dict[str, LoopPolicy],
+    stop_ids: Sequence[int],
+    sampler: Optional[SamplerConfig] = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> List[Dict]:
+    """Exact match and cost of each named loop policy on the same prompts and seeds.
+
+    Returns:
+        One row per policy: `policy`, `exact_match`, `correct`, `total`, and the costs of
+        `sample_answers` (`loop_evaluations` per sample first).
+    """
+    rows = []
+    for name, policy in policies.items():
+        _, correct, costs = sample_answers(
+            model, examples, encode, decode, policy, stop_ids, sampler, batch_size, seed
+        )
+        rows.append({"policy": name, "exact_match": sum(correct) / max(len(correct), 1),
+                     "correct": sum(correct), "total": len(correct), **costs})  # fmt: skip
+    return rows
+
+
+def _group_sampler(sampler, group, encode, policy: LoopPolicy) -> SamplerConfig:
     if sampler is None:
         length = max(len(encode(str(e["answer"]))) for e in group) + 1
         sampler = SamplerConfig(gen_length=length, steps=length)
-    return SamplerConfig(**{**sampler.__dict__, "loops": LoopPolicy(num_loops=loops)})
+    return SamplerConfig(**{**sampler.__dict__, "loops": policy})
 
 
 @torch.no_grad()

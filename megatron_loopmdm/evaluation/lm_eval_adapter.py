@@ -1,7 +1,7 @@
 """An lm-evaluation-harness model, registered as `loopmdm` when `lm_eval` is installed.
 
     lm_eval --model loopmdm --model_args pretrained=hf_model,num_loops=4,mc_samples=128 ...
-        (generation: ...,threshold=0.9,cache=dual)
+        (generation: ...,threshold=0.9,cache=dual; loops: ...,loop_stop=argmax,loop_per=sample)
 
 (`import megatron_loopmdm.evaluation.lm_eval_adapter` first registers it, e.g. through
 `tools/evaluate.py lm-eval`). Without `lm_eval` the class still works on any objects with an
@@ -48,6 +48,11 @@ class LoopMDMEvalLM(LM):
         seed: seed of the Monte Carlo and sampling noise (results are reproducible).
         threshold, factor: parallel decoding in `generate_until` (see `SamplerConfig`).
         cache: `none`, `prefix` or `dual` key/value caching in `generate_until`.
+        loop_stop, loop_per, loop_threshold, loop_patience, loop_budget, min_loops, max_loops,
+        loop_schedule ("1;2;2": model_args split at commas): the loop policy of
+            `generate_until` (see
+            `LoopPolicy`; adaptive when `loop_stop`, `loop_threshold` or `loop_budget` is given;
+            none of them: `num_loops`). Likelihoods always use `num_loops`.
     """
 
     def __init__(
@@ -66,6 +71,14 @@ class LoopMDMEvalLM(LM):
         threshold: Optional[float] = None,
         factor: Optional[float] = None,
         cache: str = "none",
+        loop_stop: Optional[str] = None,
+        loop_per: str = "batch",
+        loop_threshold: Optional[float] = None,
+        loop_patience: int = 1,
+        loop_budget: Optional[float] = None,
+        min_loops: int = 1,
+        max_loops: Optional[int] = None,
+        loop_schedule: Optional[str] = None,
         **_unused,
     ):
         if LM is not object:
@@ -88,6 +101,9 @@ class LoopMDMEvalLM(LM):
         self.threshold = float(threshold) if threshold not in (None, "", "None") else None
         self.factor = float(factor) if factor not in (None, "", "None") else None
         self.cache = str(cache)
+        self.loop_policy = _loop_policy(self.num_loops, loop_stop, loop_per, loop_threshold,
+                                        loop_patience, loop_budget, min_loops, max_loops,
+                                        loop_schedule)  # fmt: skip
         SamplerConfig(threshold=self.threshold, factor=self.factor, cache=self.cache)  # validate
 
     def _model_device(self):
@@ -143,7 +159,7 @@ class LoopMDMEvalLM(LM):
                 steps=self.steps or length,
                 block_length=block,
                 temperature=float(kwargs.get("temperature", 0.0)),
-                loops=LoopPolicy(num_loops=self.num_loops),
+                loops=self.loop_policy,
                 threshold=self.threshold,
                 factor=self.factor,
                 cache=self.cache,
@@ -157,3 +173,22 @@ class LoopMDMEvalLM(LM):
                     text = text[: text.index(stop)]
             outputs.append(text)
         return outputs
+
+
+def _given(value) -> bool:
+    return value not in (None, "", "None")
+
+
+def _loop_policy(num_loops, stop, per, threshold, patience, budget, min_loops, max_loops,
+                 schedule) -> LoopPolicy:  # fmt: skip
+    """The `generate_until` loop policy from model_args (strings from the command line)."""
+    if _given(schedule):
+        return LoopPolicy.parse_schedule(str(schedule).replace(";", ","))
+    if not (_given(stop) or _given(threshold) or _given(budget)):
+        return LoopPolicy(num_loops=num_loops)
+    return LoopPolicy(
+        threshold=float(threshold) if _given(threshold) else None,
+        stop=str(stop) if _given(stop) else "state", per=str(per), patience=int(patience),
+        budget=float(budget) if _given(budget) else None, min_loops=int(min_loops),
+        max_loops=int(max_loops) if _given(max_loops) else num_loops,
+    )  # fmt: skip

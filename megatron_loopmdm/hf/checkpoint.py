@@ -34,7 +34,12 @@ from megatron.core import dist_checkpointing, parallel_state
 from transformers import GenerationConfig
 
 HF_DIR = Path(__file__).resolve().parent
-MODEL_FILES = ("configuration_loopmdm.py", "generation_loopmdm.py", "modeling_loopmdm.py")
+MODEL_FILES = (
+    "configuration_loopmdm.py",
+    "generation_loopmdm.py",
+    "loop_policy_loopmdm.py",
+    "modeling_loopmdm.py",
+)
 AUTO_MAP = {
     "AutoConfig": "configuration_loopmdm.LoopMDMConfig",
     "AutoModel": "modeling_loopmdm.LoopMDMForMaskedDiffusion",

@@ -18,6 +18,7 @@ from the given generator, at the full sequence shape, so a seed gives the same t
 device and with or without a cache.
 """
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,78 +27,14 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+try:  # a relative import inside a model directory, an absolute one inside the package
+    from .loop_policy_loopmdm import LoopPolicy
+except ImportError:  # pragma: no cover
+    from loop_policy_loopmdm import LoopPolicy
+
 REMASKINGS = ("low_confidence", "random", "ancestral")
 CACHES = ("none", "prefix", "dual")
 CACHE_REFRESHES = ("block", "step")
-
-
-@dataclass(frozen=True)
-class LoopPolicy:
-    """The loop count of each forward pass of a sampler.
-
-    Exactly one mode applies: `schedule` if given, else adaptive if `threshold` is given, else
-    the fixed `num_loops`.
-    """
-
-    num_loops: Optional[int] = None
-    """Fixed S for every step (any S >= 1, S > S_max included); None: the model's S_max."""
-    threshold: Optional[float] = None
-    """Adaptive: stop looping once the loop block's output changes by less than this (relative
-    L2 change between consecutive loops, every sample of the batch), within the bounds below."""
-    min_loops: int = 1
-    """Adaptive: loops always run (the convergence test needs two loops, so at least 2 run
-    whenever max_loops >= 2)."""
-    max_loops: Optional[int] = None
-    """Adaptive: the most loops (default `num_loops`, else the model's S_max)."""
-    schedule: Optional[Tuple[int, ...]] = None
-    """S(step): entry k serves the k-th of len(schedule) equal parts of the steps."""
-
-    def __post_init__(self) -> None:
-        if self.num_loops is not None and self.num_loops < 1:
-            raise ValueError(f"num_loops={self.num_loops}: loop at least once (--num-loops >= 1).")
-        if self.threshold is not None and self.threshold < 0:
-            raise ValueError(f"loop threshold {self.threshold} must be non-negative.")
-        if self.min_loops < 1:
-            raise ValueError(f"min_loops={self.min_loops} must be at least 1.")
-        if self.max_loops is not None and self.max_loops < self.min_loops:
-            raise ValueError(
-                f"max_loops={self.max_loops} < min_loops={self.min_loops}; raise --max-loops."
-            )
-        if self.schedule is not None:
-            if not self.schedule or any(int(s) < 1 for s in self.schedule):
-                raise ValueError(f"loop schedule {self.schedule}: give loop counts >= 1.")
-            object.__setattr__(self, "schedule", tuple(int(s) for s in self.schedule))
-
-    @classmethod
-    def parse_schedule(cls, text: str) -> "LoopPolicy":
-        """`"1,2,4,2"` -> a schedule policy."""
-        try:
-            values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-        except ValueError:
-            raise ValueError(f"--loop-schedule {text!r}: expected integers like '1,2,4,2'.")
-        return cls(schedule=values)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.schedule is None and self.threshold is not None
-
-    def loops_at(self, step: int, num_steps: int, default: int) -> int:
-        """The loop count (the most, when adaptive) of denoising step `step` of `num_steps`."""
-        if self.schedule is not None:
-            return self.schedule[
-                min(step * len(self.schedule) // num_steps, len(self.schedule) - 1)
-            ]
-        if self.adaptive:
-            return self.max_loops or self.num_loops or default
-        return self.num_loops or default
-
-    def describe(self, default: int) -> str:
-        if self.schedule is not None:
-            return f"schedule {','.join(map(str, self.schedule))}"
-        if self.adaptive:
-            most = self.max_loops or self.num_loops or default
-            return f"adaptive (threshold {self.threshold}, {self.min_loops}..{most} loops)"
-        return f"fixed S={self.num_loops or default}"
 
 
 @dataclass
@@ -179,6 +116,18 @@ class SamplerConfig:
             raise ValueError(
                 f"cache_refresh={self.cache_refresh!r}: choose one of {', '.join(CACHE_REFRESHES)}."
             )
+        if self.loops.budget is not None:
+            if self.cfg_scale > 0 or self.cache_refresh == "step":
+                raise ValueError(
+                    "--loop-budget counts one pass per step: drop --cfg-scale and "
+                    "--cache-refresh step, or the budget."
+                )
+            if self.loops.budget * self.gen_length < self.steps:
+                raise ValueError(
+                    f"--loop-budget {self.loops.budget} per token gives fewer loop evaluations "
+                    f"than steps ({self.steps} for {self.gen_length} tokens): raise it to at "
+                    f"least {self.steps / self.gen_length:g}."
+                )
 
     @property
     def num_blocks(self) -> int:
@@ -207,7 +156,7 @@ class GenerationResult:
     committed_per_step: Tensor
     """[b, steps] int64, tokens committed at each step (0 for steps a finished block skipped)."""
     loop_evaluations: int
-    """Loop-block runs summed over every forward pass."""
+    """Loop-block runs summed over every forward pass (a pass counts its deepest row)."""
     model_flops: Optional[float]
     """Forward model FLOPs of all passes (None without a FLOPs formula for the model)."""
     seconds: float
@@ -220,6 +169,17 @@ class GenerationResult:
     cache_bytes_per_token_per_layer_per_loop: int = 0
     """Keys plus values of one position in one layer execution (2 x kv heads x head dim x
     bytes per element); 0 without a cache."""
+    loops_per_row: Optional[Tensor] = None
+    """[b] int64: loop-block runs computed for each row, summed over passes (a row frozen
+    early by a per-sample rule is not computed further without a cache)."""
+    active_position_loops: int = 0
+    """Position-loops whose state was updated, over all passes and rows (frozen positions are
+    still computed: the difference to row loops x width is what per-position freezing would
+    save with a sparse kernel)."""
+    probe_evaluations: int = 0
+    """Rows run through coda + output layer after a loop to test `kl` / `argmax` (in FLOPs)."""
+    loop_policy: str = ""
+    """The policy applied (a calibrated schedule says so)."""
 
     @property
     def generated(self) -> Tensor:
@@ -233,6 +193,13 @@ class GenerationResult:
     @property
     def steps_run(self) -> int:
         return len(self.loops_per_step)
+
+    @property
+    def loop_evaluations_per_sample(self) -> float:
+        """Mean over rows of the loop-block runs computed for the row."""
+        if self.loops_per_row is None:
+            return float(self.loop_evaluations)
+        return float(self.loops_per_row.double().mean())
 
 
 def tokens_per_step(num_masked: Tensor, steps: int) -> Tensor:
@@ -270,9 +237,14 @@ def pad_prompts(
 class _Pass:
     """One stream of forward passes (conditional, or unconditional for CFG) with its cache."""
 
-    def __init__(self, model, attention_mask: Optional[Tensor], policy: LoopPolicy, cache):
+    def __init__(self, model, attention_mask: Optional[Tensor], policy: LoopPolicy, cache,
+                 mask_token_id: int):  # fmt: skip
         self.model, self.attention_mask = model, attention_mask
-        self.policy, self.cache = policy, cache
+        self.policy, self.cache, self.mask_token_id = policy, cache, mask_token_id
+        self.row_max_loops: Optional[Tensor] = None
+        """[b] per-row loop caps of the next passes (the compute budget), or None."""
+        self.last: dict = {}
+        """What the last pass computed: `row_loops` [b], `active_positions`, `probes`."""
         self.position_ids = None
         if attention_mask is not None:
             # Learned positions count real tokens only; RoPE ignores position_ids.
@@ -281,7 +253,13 @@ class _Pass:
     def __call__(self, x: Tensor, num_loops: int, adaptive: bool, window=None, fill=False):
         """-> (logits [b, w, vocab] float64 of window [ws, we) (all of x without), loops run)."""
         kwargs = {"num_loops": num_loops}
-        if adaptive:
+        controller = None
+        # The batch-wide state rule stays the model's own `loop_threshold` (unchanged tokens).
+        if adaptive and not (self.policy.legacy and self.row_max_loops is None):
+            controller = self.policy.controller(self.mask_token_id, self.row_max_loops)
+        if controller is not None:
+            kwargs["loop_controller"] = controller
+        elif adaptive:
             kwargs.update(loop_threshold=self.policy.threshold,
                           min_loops=min(self.policy.min_loops, num_loops))  # fmt: skip
         ws, we = window or (0, x.size(1))
@@ -297,6 +275,13 @@ class _Pass:
         used = int(getattr(out, "num_loops", None) or num_loops)
         if self.cache is not None and fill:
             self.cache.num_loops = used
+        b, w = x.size(0), we - ws
+        if controller is not None:
+            self.last = {"row_loops": controller.row_loops.cpu(), "probes": controller.probe_rows,
+                         "active_positions": controller.active_position_loops}  # fmt: skip
+        else:
+            self.last = {"row_loops": torch.full((b,), used, dtype=torch.long), "probes": 0,
+                         "active_positions": b * w * used}  # fmt: skip
         return logits.double(), used
 
 
@@ -314,18 +299,35 @@ def _gumbel_argmax(logits: Tensor, temperature: float, generator, ws: int, full_
 class _Costs:
     """Running totals of what the passes cost."""
 
-    def __init__(self, flops_per_token: Optional[Callable[[int, int], Optional[float]]]):
+    def __init__(self, flops_per_token: Optional[Callable[..., Optional[float]]], rows: int):
         self.flops_per_token = flops_per_token
         self.loop_evaluations = self.passes = self.tokens = self.cache_bytes = 0
+        self.active_positions = self.probes = 0
+        self.row_loops = torch.zeros(rows, dtype=torch.long)
         self.flops: Optional[float] = 0.0 if flops_per_token is not None else None
 
-    def add(self, rows: int, width: int, full_len: int, loops: int, cache) -> None:
-        """A pass over `width` positions of `rows` rows attending to `full_len` keys."""
+    def add(self, rows: int, width: int, full_len: int, loops: int, cache, last=None) -> None:
+        """A pass over `width` positions of `rows` rows attending to `full_len` keys.
+
+        `last`: the stream's record of the pass (loops per row, probes); FLOPs count each row's
+        own loops and the probes.
+        """
         self.loop_evaluations += loops
         self.passes += 1
         self.tokens += rows * width
+        row_loops = torch.full((rows,), loops) if last is None else last["row_loops"]
+        probes = 0 if last is None else last["probes"]
+        self.row_loops += row_loops
+        self.active_positions += rows * width * loops if last is None else last["active_positions"]
+        self.probes += probes
         if self.flops is not None:
-            per_token = self.flops_per_token(full_len, loops)
+            # FLOPs are linear in S: the mean loops per row give the sum over rows.
+            same = bool((row_loops == row_loops[0]).all())
+            mean = int(row_loops[0]) if same else float(row_loops.double().mean())
+            per_token = self.flops_per_token(full_len, mean)
+            if per_token is not None and probes:
+                probe = self.flops_per_token(full_len, 1, 1)
+                per_token += (probe - self.flops_per_token(full_len, 1)) * probes / rows
             self.flops = None if per_token is None else self.flops + per_token * rows * width
         if cache is not None:
             self.cache_bytes = max(self.cache_bytes, cache.nbytes())
@@ -339,7 +341,7 @@ def _stream_logits(stream: _Pass, x: Tensor, config: SamplerConfig, num_loops: i
     cache = stream.cache
     if cache is None:
         logits, used = stream(x, num_loops, adaptive)
-        costs.add(b, s, s, used, None)
+        costs.add(b, s, s, used, None, stream.last)
         return logits, used, (0, s)
     window = (start, s if config.cache == "prefix" else end)
     width = window[1] - window[0]
@@ -347,15 +349,15 @@ def _stream_logits(stream: _Pass, x: Tensor, config: SamplerConfig, num_loops: i
     stale = first_step or config.cache_refresh == "step"
     if stale or (not adaptive and cache.num_loops != num_loops):
         logits, used = stream(x, num_loops, adaptive, fill=True)
-        costs.add(b, s, s, used, cache)
+        costs.add(b, s, s, used, cache, stream.last)
         if config.cache_refresh == "block":
             return logits, used, (0, s)
         logits, _ = stream(x, used, False, window=window)
-        costs.add(b, width, s, used, cache)
+        costs.add(b, width, s, used, cache, stream.last)
         return logits, used, window
     # Adaptive loops stop at most at the cache's depth (deeper loops have no cached keys).
     logits, used = stream(x, cache.num_loops if adaptive else num_loops, adaptive, window=window)
-    costs.add(b, width, s, used, cache)
+    costs.add(b, width, s, used, cache, stream.last)
     return logits, used, window
 
 
@@ -393,8 +395,9 @@ def generate(
         mask_token_id: the [MASK] id (default `model.config.mask_token_id`).
         pad_token_id: the left-padding id (default: EOS, else 0); padding is never attended.
         generator: a CPU generator for the float64 noise (seed it for reproducible text).
-        flops_per_token: `(keys, loops) -> forward FLOPs per processed position` (or None);
-            without it `model_flops` is None.
+        flops_per_token: `(keys, loops[, probes]) -> forward FLOPs per processed position`
+            (or None; `loops` may be a mean over rows, `probes` the stopping rule's read-outs
+            per row); without it `model_flops` is None.
 
     Returns:
         `GenerationResult`.
@@ -405,6 +408,7 @@ def generate(
     if pad_token_id is None:
         pad_token_id = config.eos_token_id if config.eos_token_id is not None else 0
     default_loops = getattr(model_config, "max_loops", 1)
+    config, policy_name = _resolve_policy(model, config, default_loops)
     device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
     x, attention_mask, prompt_lengths = pad_prompts(
         prompts, config.gen_length, mask_token_id, pad_token_id
@@ -413,11 +417,12 @@ def generate(
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     b, s = x.shape
     p = s - config.gen_length
-    streams = [_Pass(model, attention_mask, config.loops, _new_cache(model, config))]
-    if config.cfg_scale > 0:
-        streams.append(_Pass(model, attention_mask, config.loops, _new_cache(model, config)))
+    streams = [
+        _Pass(model, attention_mask, config.loops, _new_cache(model, config), mask_token_id)
+        for _ in range(2 if config.cfg_scale > 0 else 1)
+    ]
     committed = torch.zeros(b, config.steps, dtype=torch.long)
-    loops_per_step, costs = [], _Costs(flops_per_token)
+    loops_per_step, costs = [], _Costs(flops_per_token, b)
     start_time = time.perf_counter()
     spb = config.steps_per_block
     for block in range(config.num_blocks):
@@ -429,6 +434,8 @@ def generate(
                 break
             step = block * spb + j
             num_loops = config.loops.loops_at(step, config.steps, default_loops)
+            if config.loops.budget is not None:
+                streams[0].row_max_loops = _budget_caps(config, costs.row_loops, step, num_loops)
             logits, used, (ws, we) = _stream_logits(
                 streams[0], x, config, num_loops, j == 0, start, end, costs
             )
@@ -474,7 +481,34 @@ def generate(
         token_evaluations=costs.tokens,
         cache_bytes=costs.cache_bytes * len(streams),
         cache_bytes_per_token_per_layer_per_loop=bytes_per_entry,
+        loops_per_row=costs.row_loops,
+        active_position_loops=costs.active_positions,
+        probe_evaluations=costs.probes,
+        loop_policy=policy_name,
     )
+
+
+def _resolve_policy(model, config: SamplerConfig, default_loops: int):
+    """-> (config with the loop policy to apply, its description).
+
+    A policy with no mode set takes the model's calibrated schedule (`model.loop_schedule`,
+    read from `loop_schedule.json`) unless `calibrated=False`.
+    """
+    policy = config.loops
+    record = getattr(model, "loop_schedule", None)
+    if policy.unset and policy.calibrated and record:
+        policy = dataclasses.replace(policy, schedule=tuple(record["schedule"]))
+        config = dataclasses.replace(config, loops=policy)
+        return config, f"calibrated {policy.describe(default_loops)} (loop_schedule.json)"
+    return config, policy.describe(default_loops)
+
+
+def _budget_caps(config: SamplerConfig, spent: Tensor, step: int, most: int) -> Tensor:
+    """[b] the most loops each row may run at `step`: what its budget leaves after keeping one
+    loop for every later step, at most `most`."""
+    total = int(config.loops.budget * config.gen_length)
+    later = config.steps - step - 1
+    return (total - spent - later).clamp(1, most)
 
 
 def _choose(config, logits, prediction, candidates, num_commit, j, generator, ws, full_len):

@@ -11,8 +11,9 @@ where loop i (0-based) first re-injects the prelude output (i > 0, `add` or `con
 loop-embedding row min(i, max_loops - 1), then runs layers[start:end].
 """
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +23,22 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 try:  # a relative import inside a model directory, an absolute one inside the package
     from .configuration_loopmdm import LoopMDMConfig
-    from .generation_loopmdm import LoopPolicy, SamplerConfig, generate
+    from .generation_loopmdm import SamplerConfig, generate
+    from .loop_policy_loopmdm import (
+        LoopController,
+        LoopPolicy,
+        read_loop_schedule,
+        write_loop_schedule,
+    )
 except ImportError:  # pragma: no cover
     from configuration_loopmdm import LoopMDMConfig
-    from generation_loopmdm import LoopPolicy, SamplerConfig, generate
+    from generation_loopmdm import SamplerConfig, generate
+    from loop_policy_loopmdm import (
+        LoopController,
+        LoopPolicy,
+        read_loop_schedule,
+        write_loop_schedule,
+    )
 
 
 def _norm(config: LoopMDMConfig) -> nn.Module:
@@ -209,6 +222,8 @@ class LoopMDMTransformer(nn.Module):
         min_loops: int = 1,
         kv_cache: Optional[LoopKVCache] = None,
         window_start: int = 0,
+        loop_controller: Optional[LoopController] = None,
+        head: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> tuple[Tensor, int]:
         """[b, w] ids -> ([b, w, h] final-norm output, loops run).
 
@@ -219,7 +234,9 @@ class LoopMDMTransformer(nn.Module):
         With `loop_threshold`, looping stops early (after at least `min_loops`, at most
         `num_loops`) once every sample's relative change of the loop block's output,
         ||x_i - x_{i-1}|| / ||x_{i-1}|| over its attended positions (of the window), falls
-        below the threshold.
+        below the threshold. A `loop_controller` (`LoopPolicy.controller`) decides per sample or
+        position instead; its `kl` / `argmax` rules probe the state with the coda, the final
+        norm and `head` ([b, w, h] -> logits) after every loop.
         """
         config = self.config
         w = input_ids.size(1)
@@ -243,13 +260,17 @@ class LoopMDMTransformer(nn.Module):
             attn_mask = attention_mask.bool()[:, None, None, :]  # [b, s] -> [b, 1, 1, s]
             window_mask = attention_mask[:, positions]
 
-        def run(first, layers, x, loop=0):
+        def run(first, layers, x, loop=0, rows=None):
+            mask = attn_mask if rows is None or attn_mask is None else attn_mask[rows]
             for index, layer in enumerate(layers, start=first):
                 kv = None if kv_cache is None else (kv_cache, (index, loop), window_start)
-                x = layer(x, rotary, attn_mask, kv)
+                x = layer(x, rotary, mask, kv)
                 if all_hidden_states is not None:
                     all_hidden_states.append(x)
             return x
+
+        def probe(state, rows):  # the prediction of a loop state: [r, w, h] -> [r, w, vocab]
+            return head(self.norm(run(end, self.layers[end:], state, rows=rows)))
 
         if all_hidden_states is not None:
             all_hidden_states.append(x)
@@ -257,16 +278,31 @@ class LoopMDMTransformer(nn.Module):
         x = run(0, self.layers[:start], x)
         prelude_output = x
         loops_run = 0
+        if loop_controller is not None:
+            # Finished rows leave the batch only where nothing else needs their keys.
+            skip = kv_cache is None and all_hidden_states is None
+            loop_controller.begin(input_ids, window_mask, skip_rows=skip)
         for i in range(num_loops):
             previous = x
+            rows = None if loop_controller is None else loop_controller.rows()
+            if rows is not None:  # [b, w, h] -> [r, w, h], the rows still looping
+                x, injected = x[rows], prelude_output[rows]
+            else:
+                injected = prelude_output
             if i > 0 and config.loop_input_injection != "none":
-                x = self._inject(x, prelude_output)
+                x = self._inject(x, injected)
             if config.loop_embedding:
                 x = x + self.loop_embedding.weight[min(i, config.max_loops - 1)]
-            x = run(start, self.layers[start:end], x, loop=i)
+            x = run(start, self.layers[start:end], x, loop=i, rows=rows)
+            if rows is not None:
+                x = previous.index_copy(0, rows, x)
             loops_run = i + 1
             if loop_threshold is not None and i > 0 and loops_run >= min_loops:
                 if _relative_change(x, previous, window_mask).max() < loop_threshold:
+                    break
+            if loop_controller is not None:
+                x = loop_controller.after_loop(i, x, previous, probe)
+                if loop_controller.done:
                     break
         x = run(end, self.layers[end:], x)
         return self.norm(x), loops_run
@@ -325,6 +361,8 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         super().__init__(config)
         self.model = LoopMDMTransformer(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loop_schedule: Optional[dict] = None
+        """The calibrated loop schedule (`loop_schedule.json`), used by default in sampling."""
         self.post_init()
 
     def get_input_embeddings(self):
@@ -351,6 +389,7 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         min_loops: int = 1,
         kv_cache: Optional[LoopKVCache] = None,
         window_start: int = 0,
+        loop_controller: Optional[LoopController] = None,
         **kwargs,
     ):
         """Logits of the clean tokens at every position.
@@ -370,6 +409,8 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
                 over the whole sequence; a filled one makes `input_ids` the [b, w] window
                 starting at `window_start` of the cached sequence (logits [b, w, vocab]).
             window_start: the window's first position, with a filled `kv_cache`.
+            loop_controller: adaptive loops per sample or position by any stopping rule
+                (`LoopPolicy(...).controller(mask_token_id)`); it records what it computed.
 
         Returns:
             `LoopMDMOutput` with `logits` [b, s, vocab] in the model's dtype, [MASK] = -inf,
@@ -394,17 +435,36 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         hidden = [] if output_hidden_states else None
         x, loops_run = self.model(
             input_ids, attention_mask, position_ids, num_loops, hidden, loop_threshold, min_loops,
-            kv_cache, window_start,
+            kv_cache, window_start, loop_controller, self._head,
         )  # fmt: skip
-        logits = self.lm_head(x)
-        if shift:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # i takes i - 1's output
-        mask_id = torch.tensor([self.config.mask_token_id], device=logits.device)
-        logits = logits.index_fill(-1, mask_id, float("-inf"))
+        logits = self._head(x)
         hidden_states = tuple(hidden) if hidden is not None else None
         if not return_dict:
             return (logits,) if hidden_states is None else (logits, hidden_states)
         return LoopMDMOutput(logits=logits, hidden_states=hidden_states, num_loops=loops_run)
+
+    def _head(self, x: Tensor) -> Tensor:
+        """[b, s, h] final-norm output -> [b, s, vocab] logits, [MASK] = -inf."""
+        logits = self.lm_head(x)
+        if getattr(self.config, "shift_logits", False):
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # i takes i - 1's output
+        mask_id = torch.tensor([self.config.mask_token_id], device=logits.device)
+        return logits.index_fill(-1, mask_id, float("-inf"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the directory's calibrated loop schedule."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        path = str(pretrained_model_name_or_path)
+        model.loop_schedule = read_loop_schedule(path) if os.path.isdir(path) else None
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus `loop_schedule.json` when calibrated."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "loop_schedule", None):
+            write_loop_schedule(save_directory, self.loop_schedule)
 
     def make_kv_cache(self) -> LoopKVCache:
         """An empty key/value cache for `forward(..., kv_cache=)` (every layer and loop)."""
@@ -425,6 +485,7 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         cache: Optional[str] = None,
         attention_mask: Optional[Tensor] = None,
         return_dict_in_generate: bool = False,
+        loop_policy: Optional[LoopPolicy] = None,
         **sampler_options,
     ):
         """Masked-diffusion sampling with the package's sampler (`generation_loopmdm.py`).
@@ -448,17 +509,25 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             cache: None, `"prefix"` or `"dual"`.
             attention_mask: optional [b, p], 0 = left padding of a shorter prompt.
             return_dict_in_generate: return the `GenerationResult` (costs, loops per step).
+            loop_policy: a `LoopPolicy` (instead of `num_loops` and the loop options below);
+                with neither, the calibrated `loop_schedule` when the model has one, else S_max.
             **sampler_options: further `SamplerConfig` fields (`remasking`, `cfg_scale`,
-                `suppress_eos`, `cache_refresh`, ...); `loop_threshold`, `min_loops`,
-                `max_loops` for adaptive loops.
+                `suppress_eos`, `cache_refresh`, ...); adaptive loops: `loop_threshold`,
+                `min_loops`, `max_loops`, `loop_stop` (state/kl/argmax), `loop_per`
+                (batch/sample/position), `loop_patience`, `loop_budget`; `loop_schedule`.
 
         Returns:
             [b, p + gen_length] int64: the prompt followed by the generated tokens.
         """
-        loops = {k: sampler_options.pop(k) for k in ("min_loops", "max_loops")
-                 if k in sampler_options}  # fmt: skip
-        loop_threshold = sampler_options.pop("loop_threshold", None)
-        policy = LoopPolicy(num_loops=num_loops, threshold=loop_threshold, **loops)
+        names = {"min_loops": "min_loops", "max_loops": "max_loops", "loop_stop": "stop",
+                 "loop_per": "per", "loop_patience": "patience", "loop_budget": "budget",
+                 "loop_schedule": "schedule", "loop_threshold": "threshold"}  # fmt: skip
+        loops = {names[k]: sampler_options.pop(k) for k in names if k in sampler_options}
+        if isinstance(loops.get("schedule"), str):  # "1,2,4" as on the command line
+            loops["schedule"] = LoopPolicy.parse_schedule(loops["schedule"]).schedule
+        if loop_policy is not None and (loops or num_loops is not None):
+            raise ValueError("give loop_policy or num_loops / loop_* options, not both.")
+        policy = loop_policy or LoopPolicy(num_loops=num_loops, **loops)
         if "eos_token_id" not in sampler_options and sampler_options.get("suppress_eos"):
             sampler_options["eos_token_id"] = self.config.eos_token_id
         config = SamplerConfig(

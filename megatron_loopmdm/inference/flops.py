@@ -10,10 +10,14 @@ from typing import Optional
 from megatron_loopmdm.training.flops import layer_flops_per_token
 
 
-def forward_flops_per_token(config, seq_length: int, num_loops: int) -> Optional[float]:
+def forward_flops_per_token(
+    config, seq_length: int, num_loops: float, num_probes: int = 0
+) -> Optional[float]:
     """Forward FLOPs per token of a `LoopMDMConfig` model at loop count S (None if unknown).
 
-    Effective depth: num_hidden_layers + (S - 1) x loop-block layers, plus the output layer.
+    Effective depth: num_hidden_layers + (S - 1) x loop-block layers, plus the output layer;
+    each of `num_probes` probes (a loop state read out for a stopping rule) adds the coda layers
+    and the output layer once more. S may be a mean over rows (the count is linear in S).
     """
     try:
         start, end = config.loop_layers
@@ -29,4 +33,6 @@ def forward_flops_per_token(config, seq_length: int, num_loops: int) -> Optional
         vocab = config.vocab_size
     except AttributeError:
         return None
-    return layers * layer_flops_per_token(sizes, seq_length) + 2 * config.hidden_size * vocab
+    layers += num_probes * (config.num_hidden_layers - end)
+    head = 2 * config.hidden_size * vocab * (1 + num_probes)
+    return layers * layer_flops_per_token(sizes, seq_length) + head

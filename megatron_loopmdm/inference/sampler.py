@@ -62,8 +62,8 @@ def generate(
     """
     model_config = getattr(model, "config", None)
 
-    def flops_per_token(keys: int, num_loops: int) -> Optional[float]:
-        return forward_flops_per_token(model_config, keys, num_loops)
+    def flops_per_token(keys: int, num_loops: float, num_probes: int = 0) -> Optional[float]:
+        return forward_flops_per_token(model_config, keys, num_loops, num_probes)
 
     return _generate(
         model, prompts, config, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
