@@ -47,6 +47,9 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        pipeline_model_parallel_layout=parallel.pipeline_model_parallel_layout,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
@@ -62,7 +65,11 @@ def transformer_config(
         persist_layer_norm=False,
         # gloo mismatches the messages of batched isend/irecv under the interleaved schedule
         # (micro-batches arrive swapped); one-by-one p2p is exact.
-        batch_p2p_comm=not cpu_support_enabled(),
+        batch_p2p_comm=(
+            not cpu_support_enabled()
+            if parallel.batch_p2p_comm is None
+            else parallel.batch_p2p_comm
+        ),
     )
     fields.update(overrides)
     return TransformerConfig(**fields)

@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from megatron_loopmdm.models.config import INPUT_INJECTIONS, LOOP_SAMPLINGS
-from megatron_loopmdm.models.sizes import MODEL_SIZES
+from megatron_loopmdm.models.sizes import MODEL_SIZES, get_model_size
 
 
 def _model_args(parser):
@@ -312,18 +312,51 @@ def _check(condition: bool, message: str, errors: list) -> None:
         errors.append(message)
 
 
+def parallel_config(args, world_size: int):
+    """The run's validated `ParallelConfig` (raises a ValueError saying what to change).
+
+    The stage layout is as given: `--pipeline-model-parallel-layout auto` is resolved by the run,
+    which knows the loop block.
+    """
+    from megatron_loopmdm.distributed.parallel import ParallelConfig, virtual_pipeline_size
+
+    pp = args.pipeline_model_parallel_size
+    num_layers = args.num_layers or get_model_size(args.model_size or "debug").num_layers
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(
+            num_layers, pp, args.num_layers_per_virtual_pipeline_stage
+        ),
+        sequence_parallel=args.sequence_parallel,
+        world_size=world_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
+    )
+
+
+def _check_parallel(args, world_size: int, errors: list) -> int:
+    """Adds the layout's problems to `errors`; returns the data-parallel size (1 if invalid)."""
+    try:
+        parallel = parallel_config(args, world_size)
+    except ValueError as error:
+        errors.append(str(error))
+        return 1
+    if args.deepspeed:
+        from megatron_loopmdm.training.deepspeed_backend import check_deepspeed_layout
+
+        try:
+            check_deepspeed_layout(parallel)
+        except ValueError as error:
+            errors.append(str(error))
+    return parallel.data_parallel_size()
+
+
 def validate_args(args, world_size: int) -> list[str]:
     """Every incompatible combination, as messages that say what to change (empty if fine)."""
     errors = []
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    _check(
-        world_size % (tp * pp) == 0,
-        f"{world_size} processes cannot be split into --tensor-model-parallel-size {tp} x "
-        f"--pipeline-model-parallel-size {pp}; use a world size that is a multiple of "
-        f"{tp * pp}.",
-        errors,
-    )
-    dp = max(world_size // (tp * pp), 1)
+    dp = _check_parallel(args, world_size, errors)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     _check(
@@ -333,11 +366,6 @@ def validate_args(args, world_size: int) -> list[str]:
         errors,
     )
     _check(not (args.bf16 and args.fp16), "Choose one of --bf16 and --fp16.", errors)
-    _check(
-        not (args.sequence_parallel and tp == 1),
-        "--sequence-parallel needs --tensor-model-parallel-size > 1.",
-        errors,
-    )
     _check(
         not (args.overlap_grad_reduce and args.deepspeed),
         "--overlap-grad-reduce is a megatron-DDP option; DeepSpeed overlaps by its config "
@@ -357,13 +385,6 @@ def validate_args(args, world_size: int) -> list[str]:
     _check(
         not (args.deepspeed_config and not args.deepspeed),
         "--deepspeed-config is only read with --deepspeed.",
-        errors,
-    )
-    _check(
-        not (args.deepspeed and pp > 1),
-        "DeepSpeed's pipeline engine needs its own PipelineModule and supports only ZeRO-1; "
-        "with --pipeline-model-parallel-size > 1 use the megatron backend "
-        "(--use-distributed-optimizer) instead of --deepspeed.",
         errors,
     )
     _check(

@@ -103,6 +103,19 @@ def _enabled(ds_config: dict, section: str) -> bool:
     return bool(ds_config.get(section, {}).get("enabled", False))
 
 
+def check_deepspeed_layout(parallel: ParallelConfig) -> None:
+    """Refuses layouts this backend cannot train (pipeline parallelism); degrees themselves are
+    `ParallelConfig`'s to check."""
+    if parallel.pipeline_model_parallel_size > 1:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size} with "
+            "--deepspeed is not supported: DeepSpeed's pipeline engine needs its own "
+            "PipelineModule and supports only ZeRO-1. For pipeline parallelism train on the "
+            "megatron backend (drop --deepspeed) and add --use-distributed-optimizer for "
+            "ZeRO-1-style sharded optimizer state."
+        )
+
+
 def validate_deepspeed_config(
     ds_config: dict,
     parallel: ParallelConfig,
@@ -120,14 +133,7 @@ def validate_deepspeed_config(
     Raises:
         ValueError: with what to change.
     """
-    if parallel.pipeline_model_parallel_size > 1:
-        raise ValueError(
-            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size} with "
-            "--deepspeed is not supported: DeepSpeed's pipeline engine needs its own "
-            "PipelineModule and supports only ZeRO-1. For pipeline parallelism train on the "
-            "megatron backend (drop --deepspeed) and add --use-distributed-optimizer for "
-            "ZeRO-1-style sharded optimizer state."
-        )
+    check_deepspeed_layout(parallel)
     for section, why in _OWNED_SECTIONS.items():
         if section in ds_config:
             raise ValueError(f"Remove the {section!r} section from the DeepSpeed config: {why}.")
@@ -445,7 +451,9 @@ class DeepSpeedTrainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=ds_config, mpu=MegatronMPU()
         )
-        self.data_parallel_size = parallel_state.get_data_parallel_world_size()
+        self.data_parallel_size = parallel.data_parallel_size(
+            parallel.world_size or torch.distributed.get_world_size()
+        )
         self.zero_stage = zero_stage(ds_config)
 
     @property

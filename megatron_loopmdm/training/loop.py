@@ -27,6 +27,7 @@ from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.pipeline_layout import resolve_pipeline_layout
 from megatron_loopmdm.models.sizes import ModelSize, get_model_size
+from megatron_loopmdm.training.arguments import parallel_config
 from megatron_loopmdm.training.flops import flops_per_token
 from megatron_loopmdm.training.logging import TrainingLogger, print_rank_last
 from megatron_loopmdm.training.resume import (
@@ -174,12 +175,7 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        parallel = ParallelConfig(
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
-            None,
-            args.sequence_parallel,
-        )
+        parallel = parallel_config(args, int(os.environ.get("WORLD_SIZE", "1")))
         size = model_size_from_args(args)
         self.loop_config = LoopConfig(
             loop_layers=size.loop_layers,
@@ -189,21 +185,18 @@ class Run:
             loop_embedding=args.loop_embedding,
             backprop_depth=args.loop_backprop_depth,
         )
-        if args.num_layers_per_virtual_pipeline_stage:
-            per_rank = size.num_layers // args.pipeline_model_parallel_size
-            parallel.virtual_pipeline_model_parallel_size = (
-                per_rank // args.num_layers_per_virtual_pipeline_stage
-            )
         self.device = initialize_distributed(parallel, args.device)
         set_seed(args.seed)
         self.tokenizer, vocab, mask_token_id = _vocab_and_tokenizer(args)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        num_stages = args.pipeline_model_parallel_size * (
-            parallel.virtual_pipeline_model_parallel_size or 1
-        )
         layout = resolve_pipeline_layout(
-            args.pipeline_model_parallel_layout, size.num_layers, num_stages, self.loop_config
+            parallel.pipeline_model_parallel_layout,
+            size.num_layers,
+            parallel.num_pipeline_chunks,
+            self.loop_config,
         )
+        parallel = dataclasses.replace(parallel, pipeline_model_parallel_layout=layout)
+        self.parallel = parallel
         recompute = {}
         if args.recompute_granularity == "full":
             recompute = dict(
@@ -218,9 +211,6 @@ class Run:
             calculate_per_token_loss=True,
             hidden_dropout=args.hidden_dropout,
             attention_dropout=args.attention_dropout,
-            num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
-            num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
-            pipeline_model_parallel_layout=layout,
             **recompute,
         )
         self.size = size
@@ -252,7 +242,7 @@ class Run:
             global_batch_size=args.global_batch_size,
             random_length_prob=args.random_length_prob,
         )
-        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_size = parallel.data_parallel_size()
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
         self.train_data, self.valid_data = _datasets(args, self.tokenizer, size.seq_length, vocab)
 
@@ -282,7 +272,7 @@ class Run:
                 parallel,
                 micro_batch_size=args.micro_batch_size,
                 global_batch_size=args.global_batch_size,
-                data_parallel_size=parallel_state.get_data_parallel_world_size(),
+                data_parallel_size=parallel.data_parallel_size(),
                 params_dtype=self.dtype,
                 clip_grad=args.clip_grad,
             )
@@ -549,7 +539,7 @@ def train(run: Run) -> None:
     logger = TrainingLogger(
         args.train_iters,
         args.log_interval,
-        torch.distributed.get_world_size(),
+        run.parallel.world_size,
         args.tensorboard_dir,
         args.wandb_project,
         args.metrics_file,
