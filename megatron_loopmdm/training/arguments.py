@@ -46,7 +46,8 @@ def _model_args(parser):
         "--transformer-impl",
         choices=["local", "transformer_engine"],
         default=None,
-        help="default: transformer_engine when installed on GPU",
+        help="layer spec: local (torch, any device) or transformer_engine (needs it installed); "
+        "default: transformer_engine when installed on GPU, else local",
     )
 
 
@@ -159,7 +160,12 @@ def _checkpoint_args(parser):
     group.add_argument("--save-interval", type=int)
     group.add_argument("--finetune", action="store_true", help="load weights only")
     group.add_argument("--no-load-optim", action="store_true")
-    group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument(
+        "--no-load-rng",
+        action="store_true",
+        help="accepted for Megatron-LM command lines, no effect: checkpoints hold no RNG state "
+        "(t, masks and loop counts are functions of --seed, the sample and the iteration)",
+    )
 
 
 def _resilience_args(parser):
@@ -307,6 +313,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_transformer_engine(transformer_impl: Optional[str]) -> Optional[bool]:
+    """`--transformer-impl` as `build_model`'s `use_te` (None: TE when installed on GPU)."""
+    return {None: None, "local": False, "transformer_engine": True}[transformer_impl]
+
+
+def _check_transformer_impl(args, errors: list) -> None:
+    if args.transformer_impl != "transformer_engine":
+        return
+    import importlib.util
+
+    _check(
+        importlib.util.find_spec("transformer_engine") is not None,
+        "--transformer-impl transformer_engine needs Transformer Engine, which is not "
+        "installed; install it (pip install transformer_engine[pytorch]) or pass "
+        "--transformer-impl local.",
+        errors,
+    )
+    _check(
+        args.device != "cpu",
+        "--transformer-impl transformer_engine runs on GPU only; drop --device cpu or pass "
+        "--transformer-impl local.",
+        errors,
+    )
+
+
 def _check(condition: bool, message: str, errors: list) -> None:
     if not condition:
         errors.append(message)
@@ -442,6 +473,7 @@ def validate_args(args, world_size: int) -> list[str]:
         errors,
     )
     _check_sft(args, errors)
+    _check_transformer_impl(args, errors)
     _check(0.0 <= args.random_length_prob <= 1.0, "--random-length-prob must be in [0, 1].", errors)
     _check_ar_adaptation_args(args, errors)
     return errors

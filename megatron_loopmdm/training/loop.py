@@ -27,7 +27,7 @@ from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.pipeline_layout import resolve_pipeline_layout
 from megatron_loopmdm.models.sizes import ModelSize, get_model_size
-from megatron_loopmdm.training.arguments import parallel_config
+from megatron_loopmdm.training.arguments import parallel_config, use_transformer_engine
 from megatron_loopmdm.training.flops import flops_per_token
 from megatron_loopmdm.training.logging import TrainingLogger, print_rank_last
 from megatron_loopmdm.training.resume import (
@@ -233,6 +233,7 @@ class Run:
             self.model_config,
             init_seed=args.seed,
             device=self.device,
+            use_te=use_transformer_engine(args.transformer_impl),
         )
         self._build_optimizer(parallel)
         self.diffusion = DiffusionConfig(
