@@ -14,6 +14,7 @@ from typing import Optional
 import megatron_loopmdm.training.checkpointing as ckpt
 from megatron_loopmdm.data.mock import MockDiffusionDataset
 from megatron_loopmdm.data.sampler import build_data_loader
+from megatron_loopmdm.diffusion.noise import VALIDATION_T_GRID, validation_grid
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
     any_rank,
@@ -58,7 +59,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-EVAL_T_GRID = 8  # midpoints of 8 equal slices of t in (0, 1): a fixed quadrature of the NELBO
+EVAL_T_GRID = VALIDATION_T_GRID  # the validation quadrature: `diffusion.noise.validation_grid`
 
 
 class TrainingError(RuntimeError):
@@ -501,16 +502,15 @@ class Run:
         return iteration, extra.get("skipped_iterations", 0)
 
     def evaluate(self, loader_iter, num_loops: int) -> Optional[float]:
-        """Validation NELBO per token on a fixed t-grid (midpoint rule), comparable across runs."""
+        """Validation NELBO per token on the fixed t-grid (`diffusion.noise.validation_grid`).
+
+        The same definition as `evaluation.nelbo.nelbo_per_loops` (`tools/evaluate.py nelbo`).
+        """
         batches = [self.micro_batches(loader_iter) for _ in range(self.args.eval_iters)]
         totals = torch.zeros(2)
-        for k in range(EVAL_T_GRID):
+        for t, stream in validation_grid():
             forward_step = make_forward_step(
-                self.diffusion,
-                self.args.seed,
-                num_loops,
-                fixed_t=(k + 0.5) / EVAL_T_GRID,
-                stream=k + 1,
+                self.diffusion, self.args.seed, num_loops, fixed_t=t, stream=stream
             )
             for micro in batches:
                 reports = get_forward_backward_func()(
