@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+DEEPSPEED_LATEST_FILE = "latest"  # DeepSpeed's own marker of its newest checkpoint's tag
 LOCK_FILE = ".save.lock"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 

@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_loopmdm.distributed.parallel import ParallelConfig
-from megatron_loopmdm.training.step import StepResult
+from megatron_loopmdm.training.checkpointing import DEEPSPEED_LATEST_FILE
+from megatron_loopmdm.training.step import StepResult, sum_reports
 
 import torch
 from megatron.core import parallel_state
@@ -537,7 +538,7 @@ class DeepSpeedTrainer:
             reports.append(report)
             if i < num_microbatches - 1:
                 engine.step()  # only counts the micro-step: not an accumulation boundary
-        total = self._sum_over_data_parallel(torch.stack([r["nelbo"] for r in reports]).sum(0))
+        total = sum_reports(reports, "nelbo")
         if int(total[1]) != int(global_tokens):
             raise RuntimeError(
                 f"The global batch holds {int(total[1])} tokens, not the {int(global_tokens)} its "
@@ -546,9 +547,7 @@ class DeepSpeedTrainer:
             )
         loss_by_t = None
         if all("nelbo_by_t" in r for r in reports):
-            loss_by_t = self._sum_over_data_parallel(
-                torch.stack([r["nelbo_by_t"] for r in reports]).sum(0)
-            )
+            loss_by_t = sum_reports(reports, "nelbo_by_t")
         engine.step()  # the accumulation boundary: clip and update (skipped if not finite)
         applied = bool(engine.was_step_applied())
         grad_norm = engine.get_global_grad_norm() if applied else None
@@ -581,10 +580,10 @@ class DeepSpeedTrainer:
         Raises:
             FileNotFoundError: when `load_dir` holds no DeepSpeed checkpoint.
         """
-        if not os.path.isfile(os.path.join(load_dir, "latest")):
+        if not os.path.isfile(os.path.join(load_dir, DEEPSPEED_LATEST_FILE)):
             raise FileNotFoundError(
-                f"--load {load_dir}: no DeepSpeed checkpoint (no 'latest' file). Point --load at "
-                "the --save directory of a --deepspeed run."
+                f"--load {load_dir}: no DeepSpeed checkpoint (no '{DEEPSPEED_LATEST_FILE}' file). "
+                "Point --load at the --save directory of a --deepspeed run."
             )
         _read_checkpoints_safely(self.engine)
         path, client_state = self.engine.load_checkpoint(str(load_dir))

@@ -199,13 +199,19 @@ def train_step(
     return StepResult(loss, grad_norm, update_successful, by_t)
 
 
+def sum_reports(reports: list, key: str) -> torch.Tensor:
+    """One field of the loss functions' reports summed over this rank's micro-batches and then
+    over the data-parallel replicas: the one loss reduction of both backends."""
+    total = torch.stack([report[key] for report in reports]).sum(0)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(total, group=group)
+    return total
+
+
 def reduce_loss(losses: list) -> tuple[Optional[float], Optional[torch.Tensor]]:
     """The global batch's per-token NELBO and loss by t-bucket, from the last stage's reports."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, None
-    total = torch.stack([report["nelbo"] for report in losses]).sum(0)
-    by_t = torch.stack([report["nelbo_by_t"] for report in losses]).sum(0)
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    torch.distributed.all_reduce(total, group=group)
-    torch.distributed.all_reduce(by_t, group=group)
+    total = sum_reports(losses, "nelbo")
+    by_t = sum_reports(losses, "nelbo_by_t")
     return (total[0] / total[1]).item(), by_t
