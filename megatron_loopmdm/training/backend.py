@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import megatron_loopmdm.training.checkpointing as ckpt
 from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import ParallelConfig
-from megatron_loopmdm.training.setup import build_optimizer, wrap_with_ddp
+from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.training.setup import build_model_chunks, build_optimizer, wrap_with_ddp
 from megatron_loopmdm.training.step import StepResult, count_loss_tokens, train_step
 
 from megatron.core.distributed import DistributedDataParallelConfig
@@ -220,10 +221,35 @@ def build_backend(
 ) -> Backend:
     """DeepSpeed when a (prepared) DeepSpeed config is given, else megatron DDP + optimizer.
 
-    `sizes` are `num_microbatches`, `seq_length` and `micro_batch_size` of one step.
+    `sizes` are `num_microbatches`, `seq_length` and `micro_batch_size` of one step;
+    `ddp_config` defaults to megatron DDP with fp32 gradient reduction.
     """
     if deepspeed_config is not None:
         return DeepSpeedBackend(
             chunks, deepspeed_config, optimizer_config, parallel, diffusion, seed, **sizes
         )
+    ddp_config = ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     return MegatronBackend(config, chunks, ddp_config, optimizer_config, **sizes)
+
+
+def build_training(
+    config: TransformerConfig,
+    loop_config: LoopConfig,
+    model_config: LoopMDMModelConfig,
+    parallel: ParallelConfig,
+    optimizer_config: OptimizerConfig,
+    init_seed: Optional[int] = None,
+    device: str = "cpu",
+    use_te: Optional[bool] = None,
+    **backend_options,
+) -> Backend:
+    """Builds a run from its configs: this rank's model chunks inside their backend.
+
+    The one assembly of config -> model -> DDP (or DeepSpeed engine) -> optimizer, used by
+    `pretrain_loopmdm.py` (`training.loop.Run`), the distributed tests and the benchmarks.
+    `backend_options` go to `build_backend` (DDP or DeepSpeed config, diffusion, seed, sizes).
+    """
+    chunks = build_model_chunks(
+        config, loop_config, model_config, init_seed=init_seed, device=device, use_te=use_te
+    )
+    return build_backend(config, chunks, parallel, optimizer_config, **backend_options)

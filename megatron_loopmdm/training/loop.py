@@ -25,12 +25,12 @@ from megatron_loopmdm.distributed.parallel import (
 from megatron_loopmdm.models.attention_masks import anneal_progress
 from megatron_loopmdm.models.builder import replace_size, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.flops import flops_per_token
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.pipeline_layout import resolve_pipeline_layout
 from megatron_loopmdm.models.sizes import ModelSize, get_model_size
 from megatron_loopmdm.training.arguments import parallel_config, use_transformer_engine
-from megatron_loopmdm.training.backend import Backend, build_backend
-from megatron_loopmdm.training.flops import flops_per_token
+from megatron_loopmdm.training.backend import Backend, build_training
 from megatron_loopmdm.training.logging import TrainingLogger, print_rank_last
 from megatron_loopmdm.training.resume import (
     STOP_SIGNALS,
@@ -41,7 +41,7 @@ from megatron_loopmdm.training.resume import (
     match_param_group_lrs,
     save_unless_diverging,
 )
-from megatron_loopmdm.training.setup import build_model_chunks, default_optimizer_config
+from megatron_loopmdm.training.setup import default_optimizer_config
 from megatron_loopmdm.training.step import make_forward_step
 
 import torch
@@ -212,14 +212,6 @@ class Run:
         self.parallel = dataclasses.replace(parallel, pipeline_model_parallel_layout=layout)
         self.config = self._transformer_config()
         self.model_config = self._model_config(vocab, mask_token_id)
-        chunks = build_model_chunks(
-            self.config,
-            self.loop_config,
-            self.model_config,
-            init_seed=args.seed,
-            device=self.device,
-            use_te=use_transformer_engine(args.transformer_impl),
-        )
         self.diffusion = DiffusionConfig(
             mask_token_id=mask_token_id,
             time_eps=args.time_eps,
@@ -229,7 +221,7 @@ class Run:
         )
         self.dp_size = self.parallel.data_parallel_size()
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
-        self.backend = self._backend(chunks)
+        self.backend = self._backend()
         self.scheduler = self._scheduler()
         self.train_data, self.valid_data = _datasets(args, self.tokenizer, size.seq_length, vocab)
 
@@ -299,13 +291,17 @@ class Run:
             clip_grad=args.clip_grad,
         )
 
-    def _backend(self, chunks: list) -> Backend:
+    def _backend(self) -> Backend:
         args = self.args
-        return build_backend(
+        return build_training(
             self.config,
-            chunks,
+            self.loop_config,
+            self.model_config,
             self.parallel,
             self._optimizer_config(),
+            init_seed=args.seed,
+            device=self.device,
+            use_te=use_transformer_engine(args.transformer_impl),
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=args.overlap_grad_reduce,
