@@ -7,7 +7,6 @@ The entry points turn command-line arguments into `ModelSize`, `LoopConfig`,
 import dataclasses
 from typing import Optional
 
-from megatron_loopmdm.distributed.cpu import cpu_support_enabled
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.loopmdm_model import LoopMDMModel
@@ -63,16 +62,20 @@ def transformer_config(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        # gloo mismatches the messages of batched isend/irecv under the interleaved schedule
-        # (micro-batches arrive swapped); one-by-one p2p is exact.
-        batch_p2p_comm=(
-            not cpu_support_enabled()
-            if parallel.batch_p2p_comm is None
-            else parallel.batch_p2p_comm
-        ),
+        batch_p2p_comm=_batch_p2p_comm(parallel),
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def _batch_p2p_comm(parallel: ParallelConfig) -> bool:
+    """The layout's p2p mode; by default batched, except over gloo, which mismatches the
+    messages of batched isend/irecv under the interleaved schedule (micro-batches arrive
+    swapped), where one-by-one p2p is exact."""
+    if parallel.batch_p2p_comm is not None:
+        return parallel.batch_p2p_comm
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not (initialized and torch.distributed.get_backend() == "gloo")
 
 
 def build_model(
