@@ -41,6 +41,7 @@ from megatron_loopmdm.training.resume import (
     match_param_group_lrs,
     save_unless_diverging,
 )
+from megatron_loopmdm.training.run_config import run_config_json
 from megatron_loopmdm.training.setup import default_optimizer_config
 from megatron_loopmdm.training.step import make_forward_step
 
@@ -399,6 +400,18 @@ class Run:
             "loop_config": dataclasses.asdict(self.loop_config),
             "model_config": dataclasses.asdict(self.model_config),
             "model_size": dataclasses.asdict(self.size),
+            "run_config": run_config_json(
+                {
+                    "model_size": self.size,
+                    "model_config": self.model_config,
+                    "loop_config": self.loop_config,
+                    "parallel": self.parallel,
+                    "diffusion": self.diffusion,
+                },
+                str(self.dtype).removeprefix("torch."),
+                self.args.tokenizer_type if self.tokenizer is not None else None,
+                self.args.tokenizer_model if self.tokenizer is not None else None,
+            ),
         }
 
     def save(self, iteration: int, skipped: int) -> None:
