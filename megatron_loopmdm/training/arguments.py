@@ -384,18 +384,8 @@ def _check_parallel(args, world_size: int, errors: list) -> int:
     return parallel.data_parallel_size()
 
 
-def validate_args(args, world_size: int) -> list[str]:
-    """Every incompatible combination, as messages that say what to change (empty if fine)."""
-    errors = []
-    dp = _check_parallel(args, world_size, errors)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    _check(
-        args.global_batch_size % (args.micro_batch_size * dp) == 0,
-        f"--global-batch-size {args.global_batch_size} must be a multiple of "
-        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
-        errors,
-    )
+def _check_backend_args(args, errors: list) -> None:
+    """Precision and the megatron / DeepSpeed backend flags."""
     _check(not (args.bf16 and args.fp16), "Choose one of --bf16 and --fp16.", errors)
     _check(
         not (args.overlap_grad_reduce and args.deepspeed),
@@ -418,6 +408,10 @@ def validate_args(args, world_size: int) -> list[str]:
         "--deepspeed-config is only read with --deepspeed.",
         errors,
     )
+
+
+def _check_data_args(args, errors: list) -> None:
+    """Where the training data comes from, and its tokenizer."""
     _check(
         args.mock_data or args.data_path or args.train_data_path,
         "No training data: give --data-path (or --train-data-path), or --mock-data.",
@@ -439,6 +433,22 @@ def validate_args(args, world_size: int) -> list[str]:
         "--vocab-file/--merge-file).",
         errors,
     )
+
+
+def validate_args(args, world_size: int) -> list[str]:
+    """Every incompatible combination, as messages that say what to change (empty if fine)."""
+    errors = []
+    dp = _check_parallel(args, world_size, errors)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    _check(
+        args.global_batch_size % (args.micro_batch_size * dp) == 0,
+        f"--global-batch-size {args.global_batch_size} must be a multiple of "
+        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
+        errors,
+    )
+    _check_backend_args(args, errors)
+    _check_data_args(args, errors)
     _check(args.save_interval is None or args.save, "--save-interval needs --save DIR.", errors)
     _check(not (args.finetune and not args.load), "--finetune needs --load DIR.", errors)
     _check(

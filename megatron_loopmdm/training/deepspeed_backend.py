@@ -487,17 +487,11 @@ class DeepSpeedTrainer:
         micro-batches are read first and counted, so micro-batches may differ (padding, random
         lengths). Without it every micro-batch must count the same tokens (b * s).
 
-        Args:
-            forward_step_func: `step.make_forward_step(...)`; its loss function returns
-                `(loss_sum, num_tokens, report)` with `report["nelbo"] = [loss_sum, num_tokens]`
-                (and optionally `report["nelbo_by_t"]`, [2, buckets]).
-            data_iterator: yields this rank's `num_microbatches` micro-batches.
-            num_microbatches: must equal the config's `gradient_accumulation_steps`.
-            num_tokens_func: optional, see above.
-
-        Returns:
-            The global batch's per-token NELBO, the gradient norm before clipping (None when
-            DeepSpeed skipped the update for non-finite gradients) and whether it updated.
+        `forward_step_func` is `step.make_forward_step(...)` (its loss function returns
+        `(loss_sum, num_tokens, report)`, `report["nelbo"] = [loss_sum, num_tokens]`);
+        `data_iterator` yields `num_microbatches` micro-batches, the config's accumulation steps.
+        Returns the global per-token NELBO, the grad norm before clipping (None when DeepSpeed
+        skipped the update for non-finite gradients) and whether it updated.
         """
         engine = self.engine
         if num_microbatches != engine.gradient_accumulation_steps():
@@ -505,13 +499,9 @@ class DeepSpeedTrainer:
                 f"{num_microbatches} micro-batches per step, but the DeepSpeed config has "
                 f"gradient_accumulation_steps={engine.gradient_accumulation_steps()}."
             )
-        global_tokens = None
-        if num_tokens_func is not None:
-            batches = [next(data_iterator) for _ in range(num_microbatches)]
-            global_tokens = self._sum_over_data_parallel(
-                torch.tensor([float(sum(num_tokens_func(batch) for batch in batches))])
-            ).item()
-            data_iterator = iter(batches)
+        data_iterator, global_tokens = self._count_tokens_first(
+            data_iterator, num_microbatches, num_tokens_func
+        )
         engine.train()
         if self.zero_stage == 3:
             # ZeRO-3 overwrites a parameter's gradient partition only when the parameter gets a
@@ -557,6 +547,16 @@ class DeepSpeedTrainer:
             update_successful=applied,
             loss_by_t=loss_by_t,
         )
+
+    def _count_tokens_first(self, data_iterator, num_microbatches: int, num_tokens_func):
+        """(this rank's micro-batches, the global loss-token count), or (`data_iterator`, None)."""
+        if num_tokens_func is None:
+            return data_iterator, None
+        batches = [next(data_iterator) for _ in range(num_microbatches)]
+        global_tokens = self._sum_over_data_parallel(
+            torch.tensor([float(sum(num_tokens_func(batch) for batch in batches))])
+        ).item()
+        return iter(batches), global_tokens
 
     @staticmethod
     def _sum_over_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
