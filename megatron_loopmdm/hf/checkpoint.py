@@ -115,7 +115,9 @@ def read_checkpoint_extra(root, iteration: Optional[int] = None) -> tuple[int, d
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory.")
     if iteration is None:
-        if (root / "latest").is_file() and not (root / ckpt.LATEST_FILE).is_file():
+        if (root / ckpt.DEEPSPEED_LATEST_FILE).is_file() and not (
+            root / ckpt.LATEST_FILE
+        ).is_file():
             raise ConversionError(
                 f"{root} holds a DeepSpeed checkpoint; only megatron dist checkpoints convert."
             )
