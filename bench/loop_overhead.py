@@ -27,8 +27,8 @@ from megatron_loopmdm.distributed.parallel import (
 )
 from megatron_loopmdm.models.builder import build_model, replace_size, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.flops import flops_per_token
 from megatron_loopmdm.models.sizes import get_model_size
-from megatron_loopmdm.training.flops import flops_per_token
 
 import torch
 

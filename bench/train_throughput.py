@@ -1,7 +1,7 @@
 """Training throughput through the real training path (megatron DDP, optimizer, schedules).
 
 For each size: tokens/s and model TFLOP/s (effective-depth FLOPs from
-`training.flops.flops_per_token`) of the looped model at S = S_max, and its step time over the
+`models.flops.flops_per_token`) of the looped model at S = S_max, and its step time over the
 unrolled equivalent's (same effective depth and FLOPs; target <= 1.03). The two models alternate
 step by step so drifts of a shared machine cancel. On GPU pass --bf16; with --peak-tflops the
 model FLOP utilisation (MFU) is printed too.
@@ -17,6 +17,7 @@ import statistics
 import time
 
 import megatron_loopmdm  # noqa: F401  (before megatron)
+from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
     destroy_distributed,
@@ -25,18 +26,13 @@ from megatron_loopmdm.distributed.parallel import (
 )
 from megatron_loopmdm.models.builder import replace_size, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.flops import flops_per_token
 from megatron_loopmdm.models.sizes import get_model_size
-from megatron_loopmdm.training.flops import flops_per_token
-from megatron_loopmdm.training.setup import (
-    build_model_chunks,
-    build_optimizer,
-    default_optimizer_config,
-    wrap_with_ddp,
-)
-from megatron_loopmdm.training.step import DiffusionConfig, make_forward_step, train_step
+from megatron_loopmdm.training.backend import build_training
+from megatron_loopmdm.training.setup import default_optimizer_config
+from megatron_loopmdm.training.step import make_forward_step
 
 import torch
-from megatron.core.distributed import DistributedDataParallelConfig
 
 
 def parse_args():
@@ -61,11 +57,19 @@ class Trainer:
             size, ParallelConfig(), params_dtype=dtype, calculate_per_token_loss=True
         )
         model_config = LoopMDMModelConfig(args.vocab_size, size.seq_length, args.vocab_size - 1)
-        chunks = build_model_chunks(config, loop_config, model_config, init_seed=0, device=device)
-        self.chunks = wrap_with_ddp(
-            config, chunks, DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        self.backend = build_training(
+            config,
+            loop_config,
+            model_config,
+            ParallelConfig(),
+            default_optimizer_config(params_dtype=dtype),
+            init_seed=0,
+            device=device,
+            num_microbatches=1,
+            seq_length=size.seq_length,
+            micro_batch_size=args.micro_batch_size,
         )
-        self.optimizer = build_optimizer(default_optimizer_config(params_dtype=dtype), self.chunks)
+        self.chunks = self.backend.chunks
         self.forward_step = make_forward_step(DiffusionConfig(args.vocab_size - 1), 0, num_loops)
         tokens = torch.randint(0, args.vocab_size - 1, (args.micro_batch_size, size.seq_length))
         self.batch = {
@@ -75,15 +79,7 @@ class Trainer:
         self.args, self.size = args, size
 
     def step(self):
-        train_step(
-            self.forward_step,
-            iter([self.batch]),
-            self.chunks,
-            self.optimizer,
-            1,
-            self.size.seq_length,
-            self.args.micro_batch_size,
-        )
+        self.backend.train_step(self.forward_step, [self.batch])
 
 
 def timed(trainer, sync):

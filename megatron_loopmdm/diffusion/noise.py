@@ -19,6 +19,29 @@ _LENGTH_STREAM = 0x1E47
 
 TIME_SAMPLINGS = ("uniform", "antithetic")
 
+VALIDATION_T_GRID = 8
+"""Points of the validation NELBO's midpoint rule in t (training and `evaluation.nelbo`)."""
+
+
+def masking_probability(t: Tensor, eps: float) -> Tensor:
+    """p = (1 - eps) t + eps: the chance each token is masked at time t ([b] float64)."""
+    return (1 - eps) * t.double() + eps
+
+
+def fixed_times(batch_size: int, t: float) -> Tensor:
+    """Every sample at the same time t ([b] float64), e.g. one point of the validation grid."""
+    return torch.full((batch_size,), t, dtype=torch.float64)
+
+
+def validation_grid(grid: int = VALIDATION_T_GRID) -> list[tuple[float, int]]:
+    """The validation NELBO's quadrature: (t_k, mask stream) for k < grid.
+
+    t_k = (k + 0.5) / grid are the midpoints of `grid` equal slices of (0, 1); each point draws
+    its masks from its own stream k + 1 (stream 0 is training's), keyed by the seed and the
+    sample index, so a validation is identical across runs, layouts and tools.
+    """
+    return [((k + 0.5) / grid, k + 1) for k in range(grid)]
+
 
 def _generator(seed: int, index: int, stream: int) -> torch.Generator:
     generator = torch.Generator()
@@ -104,7 +127,7 @@ def mask_tokens(
     u = torch.empty(b, s)
     for row, index in enumerate(sample_index.tolist()):
         u[row] = torch.rand(s, generator=_generator(seed, index, _MASK_STREAM + 7919 * stream))
-    p_mask = ((1 - eps) * t.double() + eps).float()
+    p_mask = masking_probability(t, eps).float()
     mask = u < p_mask[:, None]
     if valid is not None:
         mask &= valid.cpu()

@@ -22,13 +22,13 @@ a laptop and how CI tests the distributed code. It is applied only when CUDA is 
    CPU generator states, so `get_cuda_rng_tracker().fork()` (dropout in TP regions, weight
    init) works and checkpoints can save and restore RNG states.
 
-One setting also depends on CPU mode: `models.builder.transformer_config` turns off batched
-pipeline p2p (`batch_p2p_comm`), because gloo mismatches batched isend/irecv messages under the
-interleaved schedule.
+One setting also depends on gloo: `models.builder.transformer_config` turns off batched
+pipeline p2p (`batch_p2p_comm`, unless `ParallelConfig` sets it), because gloo mismatches batched
+isend/irecv messages under the interleaved schedule.
 
-4. The fixes for megatron-core's distributed-optimizer bugs on the torch-Adam path (always the
-   path on CPU) are applied; they live in `megatron_loopmdm.training.optimizer_fixes`, because
-   GPU users without Transformer Engine or apex need them too (`build_optimizer` applies them).
+The fixes for megatron-core's distributed-optimizer bugs on the torch-Adam path (always the path
+on CPU) are not applied here: `training.setup.build_optimizer` applies them wherever an
+optimizer is built, since GPU users without Transformer Engine or apex need them too.
 """
 
 import contextlib
@@ -202,9 +202,6 @@ def enable_cpu_support() -> None:
     check_megatron_core_version()
     _patch_torch_cuda()
     _install_cpu_rng_tracker()
-    from megatron_loopmdm.training.optimizer_fixes import apply_torch_adam_fixes
-
-    apply_torch_adam_fixes()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True

@@ -1,5 +1,6 @@
 """The parallel layout and process-group set-up."""
 
+import dataclasses
 import datetime
 import os
 import random
@@ -12,9 +13,14 @@ import numpy as np
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
-    """How one job is split: tensor x pipeline x data parallel ranks."""
+    """How one job is split, validated once on construction (the only place layout rules live).
+
+    Ranks are tensor x context x pipeline x data parallel: `world_size` = TP x CP x PP x DP.
+    A config without `world_size` describes one model replica (model-only code, conversion
+    tools); `initialize_distributed` fills it from the started job with `with_world_size`.
+    """
 
     tensor_model_parallel_size: int = 1
     """Ranks that split each layer's weights."""
@@ -28,10 +34,42 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split norms and dropout along the sequence over the tensor-parallel ranks."""
 
+    world_size: Optional[int] = None
+    """All ranks of the job (None: not known yet; the data-parallel size is then unknown)."""
+
+    context_parallel_size: int = 1
+    """Ranks that split the sequence in attention (room for it: only 1 is supported)."""
+
+    expert_model_parallel_size: int = 1
+    """Ranks that split the experts (room for it: the model has none, so only 1)."""
+
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Layers of the first stage when stages are uneven (None: an even split)."""
+
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Layers of the last stage when stages are uneven (None: an even split)."""
+
+    pipeline_model_parallel_layout: Optional[str] = None
+    """megatron's layout string (e.g. "Et*3|t*5L"), "auto", or None (an even split)."""
+
+    batch_p2p_comm: Optional[bool] = None
+    """Pipeline p2p mode: batched isend/irecv (True) or one by one (False). None: batched on
+    GPU, one by one on CPU, where gloo mismatches batched messages under interleaving."""
+
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+        ):
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} {value} must be an integer >= 1.")
+        for name in ("context_parallel_size", "expert_model_parallel_size"):
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if value != 1:
+                raise ValueError(f"{flag} {value} is not supported yet; use 1.")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "--sequence-parallel needs --tensor-model-parallel-size > 1; drop one of them."
@@ -40,23 +78,82 @@ class ParallelConfig:
         if vpp is not None and (vpp < 2 or self.pipeline_model_parallel_size < 2):
             raise ValueError(
                 "The interleaved schedule needs --pipeline-model-parallel-size >= 2 and at least "
-                "2 virtual stages per rank; unset the virtual pipeline size otherwise."
+                f"2 virtual stages per rank (got {vpp}); unset the virtual pipeline size "
+                "(--num-layers-per-virtual-pipeline-stage) otherwise."
+            )
+        self._check_stage_layout()
+        if self.world_size is not None:
+            self.data_parallel_size(self.world_size)
+
+    def _check_stage_layout(self) -> None:
+        uneven = {
+            "--decoder-first-pipeline-num-layers": self.num_layers_in_first_pipeline_stage,
+            "--decoder-last-pipeline-num-layers": self.num_layers_in_last_pipeline_stage,
+        }
+        for flag, layers in uneven.items():
+            if layers is not None and layers < 1:
+                raise ValueError(f"{flag} {layers} must be at least 1.")
+        given = [flag for flag, layers in uneven.items() if layers is not None]
+        if given and self.pipeline_model_parallel_layout is not None:
+            raise ValueError(
+                f"--pipeline-model-parallel-layout and {' and '.join(given)} both set the "
+                "stage layout; give one of them."
             )
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        """Ranks holding one copy of the model: TP x CP x PP."""
+        return (
+            self.tensor_model_parallel_size
+            * self.context_parallel_size
+            * self.pipeline_model_parallel_size
+        )
 
-    def data_parallel_size(self, world_size: int) -> int:
-        """The data-parallel size for `world_size` ranks, or a ValueError if it does not divide."""
-        if world_size % self.model_parallel_size:
+    @property
+    def num_pipeline_chunks(self) -> int:
+        """Model chunks across the pipeline: PP x VPP (PP without interleaving)."""
+        return self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
+
+    def data_parallel_size(self, world_size: Optional[int] = None) -> int:
+        """The data-parallel size for `world_size` ranks (default: this config's world size).
+
+        Raises:
+            ValueError: if the model-parallel size does not divide the world size, or no world
+                size is known.
+        """
+        world_size = self.world_size if world_size is None else world_size
+        if world_size is None:
             raise ValueError(
-                f"{world_size} processes cannot be split into tensor-parallel "
-                f"{self.tensor_model_parallel_size} x pipeline-parallel "
+                "The data-parallel size needs the world size: build the ParallelConfig with "
+                "world_size=..., or after initialize_distributed."
+            )
+        if world_size < 1 or world_size % self.model_parallel_size:
+            raise ValueError(
+                f"{world_size} processes cannot be split into --tensor-model-parallel-size "
+                f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
                 f"{self.pipeline_model_parallel_size} groups; the world size must be a multiple "
-                f"of {self.model_parallel_size}."
+                f"of {self.model_parallel_size}: launch that many processes or change the sizes."
             )
         return world_size // self.model_parallel_size
+
+    def with_world_size(self, world_size: int) -> "ParallelConfig":
+        """This layout for a job of `world_size` ranks (validated again)."""
+        return dataclasses.replace(self, world_size=world_size)
+
+
+def virtual_pipeline_size(
+    num_layers: int, pipeline_model_parallel_size: int, layers_per_virtual_stage: Optional[int]
+) -> Optional[int]:
+    """Model chunks per stage from `--num-layers-per-virtual-pipeline-stage` (None: none)."""
+    if not layers_per_virtual_stage:
+        return None
+    per_rank = num_layers // pipeline_model_parallel_size
+    if layers_per_virtual_stage < 1 or per_rank % layers_per_virtual_stage:
+        raise ValueError(
+            f"--num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} must divide the "
+            f"{per_rank} layers of each of the {pipeline_model_parallel_size} pipeline stages."
+        )
+    return per_rank // layers_per_virtual_stage
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -97,7 +194,13 @@ def initialize_distributed(
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    parallel.data_parallel_size(torch.distributed.get_world_size())
+    world_size = torch.distributed.get_world_size()
+    if parallel.world_size not in (None, world_size):
+        raise ValueError(
+            f"The parallel layout was built for {parallel.world_size} processes, but the job has "
+            f"{world_size}; launch {parallel.world_size} processes or build it for {world_size}."
+        )
+    parallel.data_parallel_size(world_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,

@@ -1,10 +1,10 @@
 """Validation NELBO per loop count, on the trainer's fixed t-quadrature.
 
-The trainer's validation (`training.loop.Run.evaluate`) noises every sample at the midpoints
-t_k = (k + 0.5) / 8 of 8 equal slices of (0, 1), with an independent mask per grid point
-(`mask_tokens(..., stream=k + 1)`, keyed by the run's seed and the sample's index), and reports
-sum over masked positions of CE / p, over all grid points, divided by the tokens counted at all
-grid points. The same definition here gives numbers comparable with the training logs and
+The trainer's validation (`training.loop.Run.evaluate`) and `nelbo_per_loops` share one
+definition from `diffusion.noise`: every sample is noised at each point t_k of
+`validation_grid()` with that point's own mask stream (keyed by the run's seed and the sample's
+index), and the NELBO is the sum over masked positions of CE / p, over all grid points, divided
+by the tokens counted at all grid points. Numbers are comparable with the training logs and
 identical across runs.
 """
 
@@ -12,13 +12,19 @@ import math
 from typing import Dict, List, Sequence
 
 from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_per_sample
-from megatron_loopmdm.diffusion.noise import mask_tokens
+from megatron_loopmdm.diffusion.noise import (
+    VALIDATION_T_GRID,
+    fixed_times,
+    mask_tokens,
+    masking_probability,
+    validation_grid,
+)
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EVAL_T_GRID = 8  # as training.loop.EVAL_T_GRID
+EVAL_T_GRID = VALIDATION_T_GRID  # the trainer's grid
 
 
 def _token_ce(model, noisy: Tensor, tokens: Tensor, num_loops: int, attention_mask=None) -> Tensor:
@@ -67,10 +73,10 @@ def nelbo_per_loops(
             ).bool()
             index = torch.arange(first, first + len(chunk))
             attention_mask = None if valid.all() else valid.long().to(device)
-            for k in range(grid):
-                t = torch.full((len(chunk),), (k + 0.5) / grid, dtype=torch.float64)
+            for t_k, stream in validation_grid(grid):
+                t = fixed_times(len(chunk), t_k)
                 noisy, mask, p_mask = mask_tokens(
-                    tokens, index, seed, mask_id, eps, t, valid.to(device), stream=k + 1
+                    tokens, index, seed, mask_id, eps, t, valid.to(device), stream=stream
                 )
                 ce = _token_ce(model, noisy, tokens, loops, attention_mask)
                 total += masked_diffusion_loss_per_sample(ce, mask, p_mask).sum().item()
@@ -114,7 +120,7 @@ def sequence_nelbo(
     for n in range(num_samples):
         u = torch.rand(b, dtype=torch.float64, generator=generator)
         t = (n + u) / num_samples if stratified else u
-        p_mask = (1 - eps) * t + eps  # [b]
+        p_mask = masking_probability(t, eps)  # [b] float64
         draw = torch.rand(b, s, dtype=torch.float64, generator=generator)
         mask = (draw < p_mask[:, None]).to(device) & target
         noisy = torch.where(mask, mask_id, tokens)

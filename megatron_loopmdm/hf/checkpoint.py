@@ -28,6 +28,7 @@ from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.loopmdm_model import LoopMDMModel
 from megatron_loopmdm.models.sizes import ModelSize
 from megatron_loopmdm.training import checkpointing as ckpt
+from megatron_loopmdm.training.run_config import read_run_config
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
@@ -104,11 +105,8 @@ def single_process_group():
 
 
 def checkpoint_dtype(extra: dict) -> torch.dtype:
-    """The parameter dtype the run trained in (its `args`)."""
-    args = extra.get("args") or {}
-    if args.get("bf16"):
-        return torch.bfloat16
-    return torch.float16 if args.get("fp16") else torch.float32
+    """The parameter dtype the run trained in (its run configuration, or older saved flags)."""
+    return getattr(torch, read_run_config(extra)["training"]["params_dtype"])
 
 
 def read_checkpoint_extra(root, iteration: Optional[int] = None) -> tuple[int, dict]:
@@ -122,7 +120,9 @@ def read_checkpoint_extra(root, iteration: Optional[int] = None) -> tuple[int, d
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory.")
     if iteration is None:
-        if (root / "latest").is_file() and not (root / ckpt.LATEST_FILE).is_file():
+        if (root / ckpt.DEEPSPEED_LATEST_FILE).is_file() and not (
+            root / ckpt.LATEST_FILE
+        ).is_file():
             raise ConversionError(
                 f"{root} holds a DeepSpeed checkpoint; only megatron dist checkpoints convert."
             )
@@ -196,7 +196,7 @@ def _tokenizer_source(tokenizer: Optional[str], extra: dict) -> Optional[Path]:
             # Checked before anything is written: no half-made export.
             raise ConversionError(f"{tokenizer} holds no tokenizer files ({TOKENIZER_FILES}).")
         return Path(tokenizer)
-    saved = (extra.get("args") or {}).get("tokenizer_model")
+    saved = read_run_config(extra)["data"]["tokenizer_model"]
     return Path(saved) if saved and Path(saved).is_dir() else None
 
 

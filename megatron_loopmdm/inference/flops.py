@@ -1,13 +1,13 @@
 """Model FLOPs of inference forward passes, from a Hugging Face LoopMDM config.
 
-The per-layer count is the trainer's (`training.flops.layer_flops_per_token`), so sampler and
+The per-layer count is the trainer's (`models.flops.layer_flops_per_token`), so sampler and
 training logs use one formula; the HF config's names are mapped onto the megatron ones it reads.
 """
 
 from types import SimpleNamespace
 from typing import Optional
 
-from megatron_loopmdm.training.flops import layer_flops_per_token
+from megatron_loopmdm.models.flops import layer_flops_per_token
 
 
 def forward_flops_per_token(

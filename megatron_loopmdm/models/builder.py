@@ -7,7 +7,6 @@ The entry points turn command-line arguments into `ModelSize`, `LoopConfig`,
 import dataclasses
 from typing import Optional
 
-from megatron_loopmdm.distributed.cpu import cpu_support_enabled
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.loopmdm_model import LoopMDMModel
@@ -47,6 +46,9 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        pipeline_model_parallel_layout=parallel.pipeline_model_parallel_layout,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
@@ -60,12 +62,20 @@ def transformer_config(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        # gloo mismatches the messages of batched isend/irecv under the interleaved schedule
-        # (micro-batches arrive swapped); one-by-one p2p is exact.
-        batch_p2p_comm=not cpu_support_enabled(),
+        batch_p2p_comm=_batch_p2p_comm(parallel),
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def _batch_p2p_comm(parallel: ParallelConfig) -> bool:
+    """The layout's p2p mode; by default batched, except over gloo, which mismatches the
+    messages of batched isend/irecv under the interleaved schedule (micro-batches arrive
+    swapped), where one-by-one p2p is exact."""
+    if parallel.batch_p2p_comm is not None:
+        return parallel.batch_p2p_comm
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not (initialized and torch.distributed.get_backend() == "gloo")
 
 
 def build_model(

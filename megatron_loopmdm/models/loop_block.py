@@ -182,8 +182,13 @@ class LoopMDMBlock(MegatronModule):
             layer_sharded = layer.sharded_state_dict(local_prefix, (), metadata)
             replace_prefix_for_sharding(layer_sharded, local_prefix, global_prefix)
             sharded.update(layer_sharded)
-        # Replicated modules need the TP group, else every TP rank claims the main replica.
-        tp_group = parallel_state.get_tensor_model_parallel_group()
+        # Replicated modules need the TP group, else every TP rank claims the main replica:
+        # the groups the layers were built with (the model's), globals only for an empty stage.
+        tp_group = (
+            self.layers[0].pg_collection.tp
+            if len(self.layers)
+            else parallel_state.get_tensor_model_parallel_group()
+        )
         for name, module in self.named_children():
             if module is not self.layers:
                 sharded.update(

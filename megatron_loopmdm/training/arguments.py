@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from megatron_loopmdm.models.config import INPUT_INJECTIONS, LOOP_SAMPLINGS
-from megatron_loopmdm.models.sizes import MODEL_SIZES
+from megatron_loopmdm.models.sizes import MODEL_SIZES, get_model_size
 
 
 def _model_args(parser):
@@ -46,7 +46,8 @@ def _model_args(parser):
         "--transformer-impl",
         choices=["local", "transformer_engine"],
         default=None,
-        help="default: transformer_engine when installed on GPU",
+        help="layer spec: local (torch, any device) or transformer_engine (needs it installed); "
+        "default: transformer_engine when installed on GPU, else local",
     )
 
 
@@ -159,7 +160,12 @@ def _checkpoint_args(parser):
     group.add_argument("--save-interval", type=int)
     group.add_argument("--finetune", action="store_true", help="load weights only")
     group.add_argument("--no-load-optim", action="store_true")
-    group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument(
+        "--no-load-rng",
+        action="store_true",
+        help="accepted for Megatron-LM command lines, no effect: checkpoints hold no RNG state "
+        "(t, masks and loop counts are functions of --seed, the sample and the iteration)",
+    )
 
 
 def _resilience_args(parser):
@@ -307,37 +313,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_transformer_engine(transformer_impl: Optional[str]) -> Optional[bool]:
+    """`--transformer-impl` as `build_model`'s `use_te` (None: TE when installed on GPU)."""
+    return {None: None, "local": False, "transformer_engine": True}[transformer_impl]
+
+
+def _check_transformer_impl(args, errors: list) -> None:
+    if args.transformer_impl != "transformer_engine":
+        return
+    import importlib.util
+
+    _check(
+        importlib.util.find_spec("transformer_engine") is not None,
+        "--transformer-impl transformer_engine needs Transformer Engine, which is not "
+        "installed; install it (pip install transformer_engine[pytorch]) or pass "
+        "--transformer-impl local.",
+        errors,
+    )
+    _check(
+        args.device != "cpu",
+        "--transformer-impl transformer_engine runs on GPU only; drop --device cpu or pass "
+        "--transformer-impl local.",
+        errors,
+    )
+
+
 def _check(condition: bool, message: str, errors: list) -> None:
     if not condition:
         errors.append(message)
 
 
-def validate_args(args, world_size: int) -> list[str]:
-    """Every incompatible combination, as messages that say what to change (empty if fine)."""
-    errors = []
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    _check(
-        world_size % (tp * pp) == 0,
-        f"{world_size} processes cannot be split into --tensor-model-parallel-size {tp} x "
-        f"--pipeline-model-parallel-size {pp}; use a world size that is a multiple of "
-        f"{tp * pp}.",
-        errors,
+def parallel_config(args, world_size: int):
+    """The run's validated `ParallelConfig` (raises a ValueError saying what to change).
+
+    The stage layout is as given: `--pipeline-model-parallel-layout auto` is resolved by the run,
+    which knows the loop block.
+    """
+    from megatron_loopmdm.distributed.parallel import ParallelConfig, virtual_pipeline_size
+
+    pp = args.pipeline_model_parallel_size
+    num_layers = args.num_layers or get_model_size(args.model_size or "debug").num_layers
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(
+            num_layers, pp, args.num_layers_per_virtual_pipeline_stage
+        ),
+        sequence_parallel=args.sequence_parallel,
+        world_size=world_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
     )
-    dp = max(world_size // (tp * pp), 1)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    _check(
-        args.global_batch_size % (args.micro_batch_size * dp) == 0,
-        f"--global-batch-size {args.global_batch_size} must be a multiple of "
-        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
-        errors,
-    )
+
+
+def _check_parallel(args, world_size: int, errors: list) -> int:
+    """Adds the layout's problems to `errors`; returns the data-parallel size (1 if invalid)."""
+    try:
+        parallel = parallel_config(args, world_size)
+    except ValueError as error:
+        errors.append(str(error))
+        return 1
+    if args.deepspeed:
+        from megatron_loopmdm.training.deepspeed_backend import check_deepspeed_layout
+
+        try:
+            check_deepspeed_layout(parallel)
+        except ValueError as error:
+            errors.append(str(error))
+    return parallel.data_parallel_size()
+
+
+def _check_backend_args(args, errors: list) -> None:
+    """Precision and the megatron / DeepSpeed backend flags."""
     _check(not (args.bf16 and args.fp16), "Choose one of --bf16 and --fp16.", errors)
-    _check(
-        not (args.sequence_parallel and tp == 1),
-        "--sequence-parallel needs --tensor-model-parallel-size > 1.",
-        errors,
-    )
     _check(
         not (args.overlap_grad_reduce and args.deepspeed),
         "--overlap-grad-reduce is a megatron-DDP option; DeepSpeed overlaps by its config "
@@ -359,13 +408,10 @@ def validate_args(args, world_size: int) -> list[str]:
         "--deepspeed-config is only read with --deepspeed.",
         errors,
     )
-    _check(
-        not (args.deepspeed and pp > 1),
-        "DeepSpeed's pipeline engine needs its own PipelineModule and supports only ZeRO-1; "
-        "with --pipeline-model-parallel-size > 1 use the megatron backend "
-        "(--use-distributed-optimizer) instead of --deepspeed.",
-        errors,
-    )
+
+
+def _check_data_args(args, errors: list) -> None:
+    """Where the training data comes from, and its tokenizer."""
     _check(
         args.mock_data or args.data_path or args.train_data_path,
         "No training data: give --data-path (or --train-data-path), or --mock-data.",
@@ -387,6 +433,22 @@ def validate_args(args, world_size: int) -> list[str]:
         "--vocab-file/--merge-file).",
         errors,
     )
+
+
+def validate_args(args, world_size: int) -> list[str]:
+    """Every incompatible combination, as messages that say what to change (empty if fine)."""
+    errors = []
+    dp = _check_parallel(args, world_size, errors)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    _check(
+        args.global_batch_size % (args.micro_batch_size * dp) == 0,
+        f"--global-batch-size {args.global_batch_size} must be a multiple of "
+        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
+        errors,
+    )
+    _check_backend_args(args, errors)
+    _check_data_args(args, errors)
     _check(args.save_interval is None or args.save, "--save-interval needs --save DIR.", errors)
     _check(not (args.finetune and not args.load), "--finetune needs --load DIR.", errors)
     _check(
@@ -421,6 +483,7 @@ def validate_args(args, world_size: int) -> list[str]:
         errors,
     )
     _check_sft(args, errors)
+    _check_transformer_impl(args, errors)
     _check(0.0 <= args.random_length_prob <= 1.0, "--random-length-prob must be in [0, 1].", errors)
     _check_ar_adaptation_args(args, errors)
     return errors

@@ -31,6 +31,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+DEEPSPEED_LATEST_FILE = "latest"  # DeepSpeed's own marker of its newest checkpoint's tag
+RUN_CONFIG_FILE = "run_config.json"  # `training.run_config`, readable without this package
 LOCK_FILE = ".save.lock"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -153,6 +155,8 @@ def save_checkpoint(root, iteration: int, chunks: list, optimizer=None, extra=No
         ) from None
     _barrier()
     if _is_rank0():
+        if extra and "run_config" in extra:  # the run configuration as a plain JSON file too
+            (staging / RUN_CONFIG_FILE).write_text(extra["run_config"] + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         marker = Path(root) / LATEST_FILE

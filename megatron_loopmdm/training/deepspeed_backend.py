@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_loopmdm.distributed.parallel import ParallelConfig
-from megatron_loopmdm.training.step import StepResult
+from megatron_loopmdm.training.checkpointing import DEEPSPEED_LATEST_FILE
+from megatron_loopmdm.training.step import StepResult, sum_reports
 
 import torch
 from megatron.core import parallel_state
@@ -103,6 +104,19 @@ def _enabled(ds_config: dict, section: str) -> bool:
     return bool(ds_config.get(section, {}).get("enabled", False))
 
 
+def check_deepspeed_layout(parallel: ParallelConfig) -> None:
+    """Refuses layouts this backend cannot train (pipeline parallelism); degrees themselves are
+    `ParallelConfig`'s to check."""
+    if parallel.pipeline_model_parallel_size > 1:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size} with "
+            "--deepspeed is not supported: DeepSpeed's pipeline engine needs its own "
+            "PipelineModule and supports only ZeRO-1. For pipeline parallelism train on the "
+            "megatron backend (drop --deepspeed) and add --use-distributed-optimizer for "
+            "ZeRO-1-style sharded optimizer state."
+        )
+
+
 def validate_deepspeed_config(
     ds_config: dict,
     parallel: ParallelConfig,
@@ -120,14 +134,7 @@ def validate_deepspeed_config(
     Raises:
         ValueError: with what to change.
     """
-    if parallel.pipeline_model_parallel_size > 1:
-        raise ValueError(
-            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size} with "
-            "--deepspeed is not supported: DeepSpeed's pipeline engine needs its own "
-            "PipelineModule and supports only ZeRO-1. For pipeline parallelism train on the "
-            "megatron backend (drop --deepspeed) and add --use-distributed-optimizer for "
-            "ZeRO-1-style sharded optimizer state."
-        )
+    check_deepspeed_layout(parallel)
     for section, why in _OWNED_SECTIONS.items():
         if section in ds_config:
             raise ValueError(f"Remove the {section!r} section from the DeepSpeed config: {why}.")
@@ -445,7 +452,9 @@ class DeepSpeedTrainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=ds_config, mpu=MegatronMPU()
         )
-        self.data_parallel_size = parallel_state.get_data_parallel_world_size()
+        self.data_parallel_size = parallel.data_parallel_size(
+            parallel.world_size or torch.distributed.get_world_size()
+        )
         self.zero_stage = zero_stage(ds_config)
 
     @property
@@ -478,17 +487,11 @@ class DeepSpeedTrainer:
         micro-batches are read first and counted, so micro-batches may differ (padding, random
         lengths). Without it every micro-batch must count the same tokens (b * s).
 
-        Args:
-            forward_step_func: `step.make_forward_step(...)`; its loss function returns
-                `(loss_sum, num_tokens, report)` with `report["nelbo"] = [loss_sum, num_tokens]`
-                (and optionally `report["nelbo_by_t"]`, [2, buckets]).
-            data_iterator: yields this rank's `num_microbatches` micro-batches.
-            num_microbatches: must equal the config's `gradient_accumulation_steps`.
-            num_tokens_func: optional, see above.
-
-        Returns:
-            The global batch's per-token NELBO, the gradient norm before clipping (None when
-            DeepSpeed skipped the update for non-finite gradients) and whether it updated.
+        `forward_step_func` is `step.make_forward_step(...)` (its loss function returns
+        `(loss_sum, num_tokens, report)`, `report["nelbo"] = [loss_sum, num_tokens]`);
+        `data_iterator` yields `num_microbatches` micro-batches, the config's accumulation steps.
+        Returns the global per-token NELBO, the grad norm before clipping (None when DeepSpeed
+        skipped the update for non-finite gradients) and whether it updated.
         """
         engine = self.engine
         if num_microbatches != engine.gradient_accumulation_steps():
@@ -496,13 +499,9 @@ class DeepSpeedTrainer:
                 f"{num_microbatches} micro-batches per step, but the DeepSpeed config has "
                 f"gradient_accumulation_steps={engine.gradient_accumulation_steps()}."
             )
-        global_tokens = None
-        if num_tokens_func is not None:
-            batches = [next(data_iterator) for _ in range(num_microbatches)]
-            global_tokens = self._sum_over_data_parallel(
-                torch.tensor([float(sum(num_tokens_func(batch) for batch in batches))])
-            ).item()
-            data_iterator = iter(batches)
+        data_iterator, global_tokens = self._count_tokens_first(
+            data_iterator, num_microbatches, num_tokens_func
+        )
         engine.train()
         if self.zero_stage == 3:
             # ZeRO-3 overwrites a parameter's gradient partition only when the parameter gets a
@@ -529,7 +528,7 @@ class DeepSpeedTrainer:
             reports.append(report)
             if i < num_microbatches - 1:
                 engine.step()  # only counts the micro-step: not an accumulation boundary
-        total = self._sum_over_data_parallel(torch.stack([r["nelbo"] for r in reports]).sum(0))
+        total = sum_reports(reports, "nelbo")
         if int(total[1]) != int(global_tokens):
             raise RuntimeError(
                 f"The global batch holds {int(total[1])} tokens, not the {int(global_tokens)} its "
@@ -538,9 +537,7 @@ class DeepSpeedTrainer:
             )
         loss_by_t = None
         if all("nelbo_by_t" in r for r in reports):
-            loss_by_t = self._sum_over_data_parallel(
-                torch.stack([r["nelbo_by_t"] for r in reports]).sum(0)
-            )
+            loss_by_t = sum_reports(reports, "nelbo_by_t")
         engine.step()  # the accumulation boundary: clip and update (skipped if not finite)
         applied = bool(engine.was_step_applied())
         grad_norm = engine.get_global_grad_norm() if applied else None
@@ -550,6 +547,16 @@ class DeepSpeedTrainer:
             update_successful=applied,
             loss_by_t=loss_by_t,
         )
+
+    def _count_tokens_first(self, data_iterator, num_microbatches: int, num_tokens_func):
+        """(this rank's micro-batches, the global loss-token count), or (`data_iterator`, None)."""
+        if num_tokens_func is None:
+            return data_iterator, None
+        batches = [next(data_iterator) for _ in range(num_microbatches)]
+        global_tokens = self._sum_over_data_parallel(
+            torch.tensor([float(sum(num_tokens_func(batch) for batch in batches))])
+        ).item()
+        return iter(batches), global_tokens
 
     @staticmethod
     def _sum_over_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
@@ -573,10 +580,10 @@ class DeepSpeedTrainer:
         Raises:
             FileNotFoundError: when `load_dir` holds no DeepSpeed checkpoint.
         """
-        if not os.path.isfile(os.path.join(load_dir, "latest")):
+        if not os.path.isfile(os.path.join(load_dir, DEEPSPEED_LATEST_FILE)):
             raise FileNotFoundError(
-                f"--load {load_dir}: no DeepSpeed checkpoint (no 'latest' file). Point --load at "
-                "the --save directory of a --deepspeed run."
+                f"--load {load_dir}: no DeepSpeed checkpoint (no '{DEEPSPEED_LATEST_FILE}' file). "
+                "Point --load at the --save directory of a --deepspeed run."
             )
         _read_checkpoints_safely(self.engine)
         path, client_state = self.engine.load_checkpoint(str(load_dir))

@@ -14,8 +14,9 @@ from typing import Optional
 import megatron_loopmdm.training.checkpointing as ckpt
 from megatron_loopmdm.data.mock import MockDiffusionDataset
 from megatron_loopmdm.data.sampler import build_data_loader
+from megatron_loopmdm.diffusion.config import DiffusionConfig
+from megatron_loopmdm.diffusion.noise import VALIDATION_T_GRID, validation_grid
 from megatron_loopmdm.distributed.parallel import (
-    ParallelConfig,
     any_rank,
     destroy_distributed,
     initialize_distributed,
@@ -24,10 +25,12 @@ from megatron_loopmdm.distributed.parallel import (
 from megatron_loopmdm.models.attention_masks import anneal_progress
 from megatron_loopmdm.models.builder import replace_size, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.flops import flops_per_token
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.pipeline_layout import resolve_pipeline_layout
 from megatron_loopmdm.models.sizes import ModelSize, get_model_size
-from megatron_loopmdm.training.flops import flops_per_token
+from megatron_loopmdm.training.arguments import parallel_config, use_transformer_engine
+from megatron_loopmdm.training.backend import Backend, build_training
 from megatron_loopmdm.training.logging import TrainingLogger, print_rank_last
 from megatron_loopmdm.training.resume import (
     STOP_SIGNALS,
@@ -38,26 +41,16 @@ from megatron_loopmdm.training.resume import (
     match_param_group_lrs,
     save_unless_diverging,
 )
-from megatron_loopmdm.training.setup import (
-    build_model_chunks,
-    build_optimizer,
-    default_optimizer_config,
-    wrap_with_ddp,
-)
-from megatron_loopmdm.training.step import (
-    DiffusionConfig,
-    count_loss_tokens,
-    make_forward_step,
-    train_step,
-)
+from megatron_loopmdm.training.run_config import run_config_json
+from megatron_loopmdm.training.setup import default_optimizer_config
+from megatron_loopmdm.training.step import make_forward_step
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-EVAL_T_GRID = 8  # midpoints of 8 equal slices of t in (0, 1): a fixed quadrature of the NELBO
+EVAL_T_GRID = VALIDATION_T_GRID  # the validation quadrature: `diffusion.noise.validation_grid`
 
 
 class TrainingError(RuntimeError):
@@ -169,18 +162,36 @@ def _datasets(args, tokenizer, seq_length, vocab_size):
     return train, valid
 
 
+# Fields that shape the weights; loop span, S_max and sequence length may change.
+_WEIGHT_SHAPING_FIELDS = {
+    "model_size": (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "ffn_hidden_size",
+        "num_query_groups",
+        "normalization",
+        "swiglu",
+        "kv_channels",
+        "qk_layernorm",
+        "add_qkv_bias",
+    ),
+    "model_config": (
+        "vocab_size",
+        "position_embedding_type",
+        "share_embeddings_and_output_weights",
+    ),
+    "loop_config": ("input_injection", "loop_embedding"),
+}
+
+
 class Run:
-    """Everything one pre-training run holds."""
+    """Everything one pre-training run holds: configs, model, backend, schedule and data."""
 
     def __init__(self, args):
         self.args = args
-        parallel = ParallelConfig(
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
-            None,
-            args.sequence_parallel,
-        )
-        size = model_size_from_args(args)
+        parallel = parallel_config(args, int(os.environ.get("WORLD_SIZE", "1")))
+        self.size = size = model_size_from_args(args)
         self.loop_config = LoopConfig(
             loop_layers=size.loop_layers,
             max_loops=size.max_loops,
@@ -189,62 +200,19 @@ class Run:
             loop_embedding=args.loop_embedding,
             backprop_depth=args.loop_backprop_depth,
         )
-        if args.num_layers_per_virtual_pipeline_stage:
-            per_rank = size.num_layers // args.pipeline_model_parallel_size
-            parallel.virtual_pipeline_model_parallel_size = (
-                per_rank // args.num_layers_per_virtual_pipeline_stage
-            )
         self.device = initialize_distributed(parallel, args.device)
         set_seed(args.seed)
         self.tokenizer, vocab, mask_token_id = _vocab_and_tokenizer(args)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        num_stages = args.pipeline_model_parallel_size * (
-            parallel.virtual_pipeline_model_parallel_size or 1
-        )
         layout = resolve_pipeline_layout(
-            args.pipeline_model_parallel_layout, size.num_layers, num_stages, self.loop_config
-        )
-        recompute = {}
-        if args.recompute_granularity == "full":
-            recompute = dict(
-                recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
-            )
-        elif args.recompute_granularity == "selective":
-            recompute = dict(recompute_granularity="selective")
-        self.config = transformer_config(
-            size,
-            parallel,
-            params_dtype=self.dtype,
-            calculate_per_token_loss=True,
-            hidden_dropout=args.hidden_dropout,
-            attention_dropout=args.attention_dropout,
-            num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
-            num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
-            pipeline_model_parallel_layout=layout,
-            **recompute,
-        )
-        self.size = size
-        self.model_config = LoopMDMModelConfig(
-            vocab_size=args.padded_vocab_size
-            or padded_vocab_size(
-                vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-            ),
-            max_sequence_length=args.max_position_embeddings or size.seq_length,
-            mask_token_id=mask_token_id,
-            position_embedding_type=args.position_embedding_type,
-            rotary_base=args.rotary_base,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            rope_scaling=args.rope_scaling,
-            shift_logits=args.shift_logits,
-        )
-        self.chunks = build_model_chunks(
-            self.config,
+            parallel.pipeline_model_parallel_layout,
+            size.num_layers,
+            parallel.num_pipeline_chunks,
             self.loop_config,
-            self.model_config,
-            init_seed=args.seed,
-            device=self.device,
         )
-        self._build_optimizer(parallel)
+        self.parallel = dataclasses.replace(parallel, pipeline_model_parallel_layout=layout)
+        self.config = self._transformer_config()
+        self.model_config = self._model_config(vocab, mask_token_id)
         self.diffusion = DiffusionConfig(
             mask_token_id=mask_token_id,
             time_eps=args.time_eps,
@@ -252,9 +220,46 @@ class Run:
             global_batch_size=args.global_batch_size,
             random_length_prob=args.random_length_prob,
         )
-        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_size = self.parallel.data_parallel_size()
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
+        self.backend = self._backend()
+        self.scheduler = self._scheduler()
         self.train_data, self.valid_data = _datasets(args, self.tokenizer, size.seq_length, vocab)
+
+    def _transformer_config(self):
+        args = self.args
+        recompute = {}
+        if args.recompute_granularity == "full":
+            recompute = dict(
+                recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+            )
+        elif args.recompute_granularity == "selective":
+            recompute = dict(recompute_granularity="selective")
+        return transformer_config(
+            self.size,
+            self.parallel,
+            params_dtype=self.dtype,
+            calculate_per_token_loss=True,
+            hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout,
+            **recompute,
+        )
+
+    def _model_config(self, vocab: int, mask_token_id: int) -> LoopMDMModelConfig:
+        args = self.args
+        return LoopMDMModelConfig(
+            vocab_size=args.padded_vocab_size
+            or padded_vocab_size(
+                vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+            ),
+            max_sequence_length=args.max_position_embeddings or self.size.seq_length,
+            mask_token_id=mask_token_id,
+            position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            rope_scaling=args.rope_scaling,
+            shift_logits=args.shift_logits,
+        )
 
     def _optimizer_config(self):
         args = self.args
@@ -270,43 +275,52 @@ class Run:
             use_distributed_optimizer=args.use_distributed_optimizer,
         )
 
-    def _build_optimizer(self, parallel: ParallelConfig):
-        """megatron DDP + optimizer, or the DeepSpeed engine; then the LR schedule."""
+    def _deepspeed_config(self) -> Optional[dict]:
+        """The prepared DeepSpeed config with --deepspeed, else None (the megatron backend)."""
         args = self.args
-        self.trainer = None
-        if args.deepspeed:
-            from megatron_loopmdm.training import deepspeed_backend as ds
+        if not args.deepspeed:
+            return None
+        from megatron_loopmdm.training import deepspeed_backend as ds
 
-            ds_config = ds.prepare_deepspeed_config(
-                ds.load_deepspeed_config(args.deepspeed_config),
-                parallel,
-                micro_batch_size=args.micro_batch_size,
-                global_batch_size=args.global_batch_size,
-                data_parallel_size=parallel_state.get_data_parallel_world_size(),
-                params_dtype=self.dtype,
-                clip_grad=args.clip_grad,
-            )
-            self.trainer = ds.DeepSpeedTrainer(
-                self.chunks[0],
-                ds_config,
-                ds.AdamWConfig.from_optimizer_config(self._optimizer_config()),
-                parallel,
-            )
-            # The engine trains; evaluation calls the module (ZeRO-3 gathers through its hooks),
-            # whose `config` is the transformer config megatron's schedules look for.
-            self.chunks = [self.trainer.module]
-            self.optimizer = self.trainer.optimizer
-        else:
-            ddp_config = DistributedDataParallelConfig(
+        return ds.prepare_deepspeed_config(
+            ds.load_deepspeed_config(args.deepspeed_config),
+            self.parallel,
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size,
+            data_parallel_size=self.dp_size,
+            params_dtype=self.dtype,
+            clip_grad=args.clip_grad,
+        )
+
+    def _backend(self) -> Backend:
+        args = self.args
+        return build_training(
+            self.config,
+            self.loop_config,
+            self.model_config,
+            self.parallel,
+            self._optimizer_config(),
+            init_seed=args.seed,
+            device=self.device,
+            use_te=use_transformer_engine(args.transformer_impl),
+            ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=args.overlap_grad_reduce,
                 use_distributed_optimizer=args.use_distributed_optimizer,
-            )
-            self.chunks = wrap_with_ddp(self.config, self.chunks, ddp_config)
-            self.optimizer = build_optimizer(self._optimizer_config(), self.chunks)
+            ),
+            deepspeed_config=self._deepspeed_config(),
+            diffusion=self.diffusion,
+            seed=args.seed,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.size.seq_length,
+            micro_batch_size=args.micro_batch_size,
+        )
+
+    def _scheduler(self) -> OptimizerParamScheduler:
+        args = self.args
         decay_iters = args.lr_decay_iters or args.train_iters
         override = getattr(args, "override_opt_param_scheduler", False)
-        self.scheduler = OptimizerParamScheduler(
+        return OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,
             max_lr=args.lr,
@@ -325,6 +339,14 @@ class Run:
             use_checkpoint_opt_param_scheduler=not override,
         )
 
+    @property
+    def chunks(self) -> list:
+        return self.backend.chunks
+
+    @property
+    def optimizer(self):
+        return self.backend.optimizer
+
     def step(self, num_loops: int, micro: list, iteration: int = 0):
         """One training step on this rank's micro-batches of the global batch."""
         forward_step = make_forward_step(
@@ -333,24 +355,7 @@ class Run:
             num_loops,
             anneal_progress=anneal_progress(iteration, self.args.attention_mask_anneal_iters),
         )
-        if self.trainer is not None:
-            return self.trainer.train_step(
-                forward_step,
-                iter(micro),
-                self.num_microbatches,
-                num_tokens_func=partial(
-                    count_loss_tokens, diffusion=self.diffusion, seed=self.args.seed
-                ),
-            )
-        return train_step(
-            forward_step,
-            self.data_iterators(micro),
-            self.chunks,
-            self.optimizer,
-            self.num_microbatches,
-            self.size.seq_length,
-            self.args.micro_batch_size,
-        )
+        return self.backend.train_step(forward_step, micro)
 
     @property
     def learning_rate(self) -> float:
@@ -362,12 +367,6 @@ class Run:
             {k: v.to(self.device) for k, v in next(loader_iter).items()}
             for _ in range(self.num_microbatches)
         ]
-
-    def data_iterators(self, micro: list):
-        """One iterator per model chunk over the same micro-batches (every stage reads them)."""
-        if len(self.chunks) == 1:
-            return iter(micro)
-        return [iter(micro) for _ in self.chunks]
 
     def loader(self, dataset, consumed_samples: int):
         return iter(
@@ -401,17 +400,24 @@ class Run:
             "loop_config": dataclasses.asdict(self.loop_config),
             "model_config": dataclasses.asdict(self.model_config),
             "model_size": dataclasses.asdict(self.size),
+            "run_config": run_config_json(
+                {
+                    "model_size": self.size,
+                    "model_config": self.model_config,
+                    "loop_config": self.loop_config,
+                    "parallel": self.parallel,
+                    "diffusion": self.diffusion,
+                },
+                str(self.dtype).removeprefix("torch."),
+                self.args.tokenizer_type if self.tokenizer is not None else None,
+                self.args.tokenizer_model if self.tokenizer is not None else None,
+            ),
         }
 
     def save(self, iteration: int, skipped: int) -> None:
-        extra = self.extra_state(iteration, skipped)
-        if self.trainer is not None:
-            self.trainer.save_checkpoint(self.args.save, iteration, client_state=extra)
-            directory = f"{self.args.save}/iter_{iteration:07d} (DeepSpeed format)"
-        else:
-            directory = ckpt.save_checkpoint(
-                self.args.save, iteration, self.chunks, self.optimizer, extra
-            )
+        directory = self.backend.save(
+            self.args.save, iteration, self.extra_state(iteration, skipped)
+        )
         print_rank_last(f" saved checkpoint at iteration {iteration} to {directory}")
 
     def check_checkpoint_compatible(self, extra: dict) -> None:
@@ -421,30 +427,9 @@ class Run:
             "model_config": dataclasses.asdict(self.model_config),
             "loop_config": dataclasses.asdict(self.loop_config),
         }
-        # Fields that shape the weights; loop span, S_max and sequence length may change.
-        shaping = {
-            "model_size": (
-                "num_layers",
-                "hidden_size",
-                "num_attention_heads",
-                "ffn_hidden_size",
-                "num_query_groups",
-                "normalization",
-                "swiglu",
-                "kv_channels",
-                "qk_layernorm",
-                "add_qkv_bias",
-            ),
-            "model_config": (
-                "vocab_size",
-                "position_embedding_type",
-                "share_embeddings_and_output_weights",
-            ),
-            "loop_config": ("input_injection", "loop_embedding"),
-        }
         differences = [
             f"{field}: checkpoint {extra[group][field]!r}, this run {ours[group][field]!r}"
-            for group, fields in shaping.items()
+            for group, fields in _WEIGHT_SHAPING_FIELDS.items()
             if group in extra
             for field in fields
             if extra[group].get(field) != ours[group][field]
@@ -456,48 +441,32 @@ class Run:
                 "it was trained with."
             )
 
-    def _load_deepspeed(self) -> tuple[int, int]:
-        args = self.args
-        if args.finetune or args.no_load_optim:
-            raise ValueError(
-                "--finetune/--no-load-optim are not supported with --deepspeed checkpoints yet; "
-                "resume the full state, or use the megatron backend."
-            )
-        iteration, extra = self.trainer.load_checkpoint(args.load)
-        if "scheduler" in extra:
-            check_schedule(args, extra["scheduler"], self.scheduler.state_dict())
-            self.scheduler.load_state_dict(extra["scheduler"])
-            if getattr(args, "override_opt_param_scheduler", False):
-                self.trainer.set_lr(self.scheduler.get_lr(self.optimizer.param_groups[0]))
-        print_rank_last(f" resumed from {args.load} at iteration {iteration}")
-        return iteration, extra.get("skipped_iterations", 0)
+    def _prepare_resume(self, saved: dict, weights_only: bool):
+        """Checks a checkpoint's saved state against this run before its optimizer state is
+        used; returns what to do once it is loaded (put the flags' LR bounds back)."""
+        self.check_checkpoint_compatible(saved)
+        if weights_only or "scheduler" not in saved:
+            return lambda: None
+        check_schedule(self.args, saved["scheduler"], self.scheduler.state_dict())
+        restore = match_param_group_lrs(self.optimizer, saved["scheduler"])
+        return restore if self.args.override_opt_param_scheduler else (lambda: None)
 
     def load(self) -> tuple[int, int]:
         """Loads `--load`; returns (iteration, skipped iterations) to continue from."""
-        args = self.args
-        check_checkpoint_format(args.load, deepspeed=self.trainer is not None)
-        if self.trainer is not None:
-            if args.load == args.save and not os.path.isfile(os.path.join(args.load, "latest")):
-                return 0, 0
-            return self._load_deepspeed()
-        chosen = ckpt.select_checkpoint(args.load, getattr(args, "iteration", None))
+        args, backend = self.args, self.backend
+        check_checkpoint_format(args.load, deepspeed=backend.uses_deepspeed_format)
+        chosen = backend.find_checkpoint(args.load, getattr(args, "iteration", None))
         if chosen is None:
             if args.load == args.save:
                 return 0, 0  # a fresh run that will save where it would resume from
-            raise FileNotFoundError(
-                f"--load {args.load}: no checkpoint there ({ckpt.LATEST_FILE} is missing)."
-            )
-        saved = ckpt.read_extra_state(args.load, chosen)
-        self.check_checkpoint_compatible(saved)
+            raise FileNotFoundError(backend.no_checkpoint_message(args.load))
         weights_only = args.finetune or args.no_load_optim
-        if not weights_only and "scheduler" in saved:
-            check_schedule(args, saved["scheduler"], self.scheduler.state_dict())
-            restore = match_param_group_lrs(self.optimizer, saved["scheduler"])
-        iteration, extra = ckpt.load_checkpoint(
-            args.load, self.chunks, None if weights_only else self.optimizer, chosen
+        iteration, extra = backend.load(
+            args.load,
+            chosen,
+            weights_only,
+            partial(self._prepare_resume, weights_only=weights_only),
         )
-        if not weights_only and "scheduler" in saved and args.override_opt_param_scheduler:
-            restore()
         if args.finetune:
             print_rank_last(
                 f" loaded weights from {args.load} (iteration {iteration}) for "
@@ -506,31 +475,26 @@ class Run:
             return 0, 0
         if not weights_only and "scheduler" in extra:
             self.scheduler.load_state_dict(extra["scheduler"])
+            if args.override_opt_param_scheduler:
+                backend.after_schedule_override(
+                    self.scheduler.get_lr(self.optimizer.param_groups[0])
+                )
         print_rank_last(f" resumed from {args.load} at iteration {iteration}")
         return iteration, extra.get("skipped_iterations", 0)
 
     def evaluate(self, loader_iter, num_loops: int) -> Optional[float]:
-        """Validation NELBO per token on a fixed t-grid (midpoint rule), comparable across runs."""
+        """Validation NELBO per token on the fixed t-grid (`diffusion.noise.validation_grid`).
+
+        The same definition as `evaluation.nelbo.nelbo_per_loops` (`tools/evaluate.py nelbo`).
+        """
         batches = [self.micro_batches(loader_iter) for _ in range(self.args.eval_iters)]
         totals = torch.zeros(2)
-        for k in range(EVAL_T_GRID):
+        for t, stream in validation_grid():
             forward_step = make_forward_step(
-                self.diffusion,
-                self.args.seed,
-                num_loops,
-                fixed_t=(k + 0.5) / EVAL_T_GRID,
-                stream=k + 1,
+                self.diffusion, self.args.seed, num_loops, fixed_t=t, stream=stream
             )
             for micro in batches:
-                reports = get_forward_backward_func()(
-                    forward_step_func=forward_step,
-                    data_iterator=self.data_iterators(micro),
-                    model=self.chunks,
-                    num_microbatches=self.num_microbatches,
-                    seq_length=self.size.seq_length,
-                    micro_batch_size=self.args.micro_batch_size,
-                    forward_only=True,
-                )
+                reports = self.backend.eval_step(forward_step, micro)
                 if reports:
                     totals += torch.stack([r["nelbo"].cpu() for r in reports]).sum(0)
         if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -549,7 +513,7 @@ def train(run: Run) -> None:
     logger = TrainingLogger(
         args.train_iters,
         args.log_interval,
-        torch.distributed.get_world_size(),
+        run.parallel.world_size,
         args.tensorboard_dir,
         args.wandb_project,
         args.metrics_file,

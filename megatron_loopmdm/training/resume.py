@@ -53,7 +53,7 @@ def acquire_save_lock(root):
 
 def check_checkpoint_format(root, deepspeed: bool) -> None:
     """Refuses a DeepSpeed checkpoint without --deepspeed, and a megatron one with it."""
-    has_ds = os.path.isfile(os.path.join(root, "latest"))
+    has_ds = os.path.isfile(os.path.join(root, ckpt.DEEPSPEED_LATEST_FILE))
     has_megatron = os.path.isfile(os.path.join(root, ckpt.LATEST_FILE))
     if has_ds and not has_megatron and not deepspeed:
         raise ValueError(

@@ -20,8 +20,13 @@ def build_model_chunks(
     model_config: LoopMDMModelConfig,
     init_seed: Optional[int] = None,
     device: str = "cpu",
+    use_te: Optional[bool] = None,
 ) -> list:
-    """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+
+    `use_te` picks the layer spec: True Transformer Engine, False the local one even when TE is
+    installed, None TE when installed on GPU.
+    """
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
@@ -36,6 +41,7 @@ def build_model_chunks(
                 ignore_virtual=vpp is None, vp_stage=vp_stage
             ),
             vp_stage=vp_stage,
+            use_te=use_te,
             init_seed=init_seed,
         )
         chunks.append(chunk.to(device))

@@ -16,13 +16,9 @@ from functools import partial
 from typing import Iterator, Optional
 
 from megatron_loopmdm.data.dataset import document_attention_mask
+from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.diffusion.loss import masked_diffusion_loss_per_sample, sft_loss_positions
-from megatron_loopmdm.diffusion.noise import (
-    TIME_SAMPLINGS,
-    mask_tokens,
-    random_lengths,
-    sample_times,
-)
+from megatron_loopmdm.diffusion.noise import fixed_times, mask_tokens, random_lengths, sample_times
 from megatron_loopmdm.distributed.parallel import any_rank
 from megatron_loopmdm.models.attention_masks import annealed_attention_mask
 from megatron_loopmdm.models.specs import attach_document_segments
@@ -32,34 +28,6 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 T_BUCKETS = 4  # the loss is also reported per quarter of t in [0, 1]
-
-
-@dataclass
-class DiffusionConfig:
-    """The masked-diffusion objective."""
-
-    mask_token_id: int
-    """The reserved [MASK] id."""
-
-    time_eps: float = 1e-3
-    """Smallest masking probability: p = (1 - eps) t + eps."""
-
-    time_sampling: str = "uniform"
-    """`uniform` t per sample, or `antithetic` (stratified over each global batch)."""
-
-    global_batch_size: int = 1
-    """The group over which antithetic times are stratified."""
-
-    random_length_prob: float = 0.0
-    """Share of samples cut to a random length (LLaDA uses 0.01)."""
-
-    def __post_init__(self):
-        if not 0 <= self.time_eps < 1:
-            raise ValueError(f"time_eps={self.time_eps} must lie in [0, 1).")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}.")
-        if not 0 <= self.random_length_prob <= 1:
-            raise ValueError("random_length_prob must lie in [0, 1].")
 
 
 def _loss_func(mask, p_mask, valid, output_tensor):
@@ -142,7 +110,7 @@ def make_forward_step(
         if fixed_t is None:
             t = sample_times(index, seed, diffusion.time_sampling, diffusion.global_batch_size)
         else:
-            t = torch.full((tokens.size(0),), fixed_t, dtype=torch.float64)
+            t = fixed_times(tokens.size(0), fixed_t)
         noisy, mask, p_mask = mask_tokens(
             tokens, index, seed, diffusion.mask_token_id, diffusion.time_eps, t, valid, stream
         )
@@ -231,13 +199,19 @@ def train_step(
     return StepResult(loss, grad_norm, update_successful, by_t)
 
 
+def sum_reports(reports: list, key: str) -> torch.Tensor:
+    """One field of the loss functions' reports summed over this rank's micro-batches and then
+    over the data-parallel replicas: the one loss reduction of both backends."""
+    total = torch.stack([report[key] for report in reports]).sum(0)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(total, group=group)
+    return total
+
+
 def reduce_loss(losses: list) -> tuple[Optional[float], Optional[torch.Tensor]]:
     """The global batch's per-token NELBO and loss by t-bucket, from the last stage's reports."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, None
-    total = torch.stack([report["nelbo"] for report in losses]).sum(0)
-    by_t = torch.stack([report["nelbo_by_t"] for report in losses]).sum(0)
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    torch.distributed.all_reduce(total, group=group)
-    torch.distributed.all_reduce(by_t, group=group)
+    total = sum_reports(losses, "nelbo")
+    by_t = sum_reports(losses, "nelbo_by_t")
     return (total[0] / total[1]).item(), by_t

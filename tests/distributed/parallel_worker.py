@@ -11,6 +11,7 @@ import json
 import os
 
 import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron)
+from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
     destroy_distributed,
@@ -21,14 +22,10 @@ from megatron_loopmdm.models.builder import loop_config_for, transformer_config
 from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.sizes import get_model_size
+from megatron_loopmdm.training.backend import build_training
 from megatron_loopmdm.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron_loopmdm.training.setup import (
-    build_model_chunks,
-    build_optimizer,
-    default_optimizer_config,
-    wrap_with_ddp,
-)
-from megatron_loopmdm.training.step import DiffusionConfig, make_forward_step, train_step
+from megatron_loopmdm.training.setup import default_optimizer_config
+from megatron_loopmdm.training.step import make_forward_step
 
 import torch
 from megatron.core import parallel_state
@@ -89,22 +86,28 @@ def main():
         loop_embedding=args.loop_embedding,
     )
     model_config = LoopMDMModelConfig(VOCAB, SEQ, MASK_ID)
-    chunks = build_model_chunks(config, loop_config, model_config, init_seed=7)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel.data_parallel_size(torch.distributed.get_world_size())
+    local = args.global_batch // dp_size
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
         bucket_size=2000 if args.overlap_grad_reduce else None,
     )
-    chunks = wrap_with_ddp(config, chunks, ddp_config)
-    optimizer = build_optimizer(
+    backend = build_training(
+        config,
+        loop_config,
+        model_config,
+        parallel,
         default_optimizer_config(lr=1e-2, use_distributed_optimizer=args.use_distributed_optimizer),
-        chunks,
+        init_seed=7,
+        ddp_config=ddp_config,
+        num_microbatches=local // args.micro_batch,
+        seq_length=SEQ,
+        micro_batch_size=args.micro_batch,
     )
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    local = args.global_batch // dp_size
-    num_microbatches = local // args.micro_batch
+    chunks, optimizer = backend.chunks, backend.optimizer
     diffusion = DiffusionConfig(mask_token_id=MASK_ID)
     records = []
     first_step = 0
@@ -123,15 +126,8 @@ def main():
                 tokens[mine].split(args.micro_batch), index[mine].split(args.micro_batch)
             )
         ]
-        iterators = [iter(micro)] if len(chunks) == 1 else [iter(micro) for _ in chunks]
-        result = train_step(
-            make_forward_step(diffusion, seed=1234, num_loops=num_loops),
-            iterators if len(chunks) > 1 else iterators[0],
-            chunks,
-            optimizer,
-            num_microbatches=num_microbatches,
-            seq_length=SEQ,
-            micro_batch_size=args.micro_batch,
+        result = backend.train_step(
+            make_forward_step(diffusion, seed=1234, num_loops=num_loops), micro
         )
         records.append(
             {

@@ -8,8 +8,8 @@ from megatron_loopmdm.diffusion.noise import mask_tokens
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.builder import loop_config_for, transformer_config
 from megatron_loopmdm.models.config import LoopConfig
+from megatron_loopmdm.models.flops import flops_per_token
 from megatron_loopmdm.models.sizes import get_model_size
-from megatron_loopmdm.training.flops import flops_per_token
 
 import pytest
 import torch
