@@ -24,7 +24,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from tests.hf.conftest import VARIANT_FLAGS, VOCAB, subprocess_env, torchrun_command
-from tests.utils import REPO
+from tests.utils import REPO, run_without_megatron
 
 MASK_ID = VOCAB - 1  # the trainer's default [MASK] under --mock-data
 SEQ = 24
@@ -167,38 +167,21 @@ def test_pretrain_continues_from_a_round_trip_at_another_layout(round_trips):
 
 
 NO_MEGATRON = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("megatron", "megatron_loopmdm"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 import torch
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 ids = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.save(model(ids, num_loops=4).logits, sys.argv[3])
-assert not any(m.split(".")[0] in ("megatron", "megatron_loopmdm") for m in sys.modules)
 """
 
 
 def test_hf_directory_loads_where_megatron_is_not_importable(hf_dirs, tmp_path):
     ids = sample_ids()
     torch.save(ids, tmp_path / "ids.pt")
-    env = subprocess_env()
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HOME=str(tmp_path / "hf_home"),
-        PYTHONPATH="",
+    result = run_without_megatron(
+        NO_MEGATRON, [hf_dirs["variants"], tmp_path / "ids.pt", tmp_path / "logits.pt"], tmp_path
     )
-    cmd = [
-        sys.executable, "-c", NO_MEGATRON, hf_dirs["variants"], tmp_path / "ids.pt",
-        tmp_path / "logits.pt",
-    ]  # fmt: skip
-    result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env,
-                            cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     hf = LoopMDMForMaskedDiffusion.from_pretrained(hf_dirs["variants"]).eval()
     with torch.no_grad():
