@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.utils import REPO, free_port, run_torchrun
+from tests.utils import REPO, finish, free_port, run_torchrun, start_torchrun
 
 SCRIPT = REPO / "pretrain_loopmdm.py"
 ITERS = 16
@@ -83,18 +83,25 @@ def latest(ckpt):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted curves at DP=1 and DP=2 (computed once, on first use)."""
-    root, curves = tmp_path_factory.mktemp("reference"), {}
+    """Uninterrupted curves at DP=1 and DP=2; both runs start at first use and run alongside
+    the test that asked (a one-process run keeps only one of the two cores busy)."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {n: start_torchrun(SCRIPT, n, [*map(str, BASE), "--metrics-file", root / f"dp{n}.jsonl"])
+            for n in (1, 2)}  # fmt: skip
+    curves = {}
 
     def curve(nproc):
         if nproc not in curves:
-            path = root / f"dp{nproc}.jsonl"
-            pretrain(nproc, "--metrics-file", path)
-            curves[nproc] = metrics(path)
+            result = finish(runs[nproc])
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+            curves[nproc] = metrics(root / f"dp{nproc}.jsonl")
             assert len(curves[nproc]) == ITERS
         return curves[nproc]
 
-    return curve
+    yield curve
+    for nproc in runs:
+        if nproc not in curves:
+            finish(runs[nproc])
 
 
 def assert_matches_reference(path, reference_curve, first):
