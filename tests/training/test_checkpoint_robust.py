@@ -192,13 +192,17 @@ def test_raised_train_iters_needs_a_schedule_flag_and_override_continues_at_the_
 ):
     ckpt, linear = tmp_path / "ckpt", ["--lr-decay-style", "linear"]
     pretrain(1, *linear, "--train-iters", 4, "--save", ckpt)
-    refused = pretrain(1, *linear, "--train-iters", 8, "--load", ckpt, ok=False)
+    # Both only read the checkpoint: run together.
+    refused = start_torchrun(SCRIPT, 1, [*BASE, *linear, "--train-iters", 8, "--load", ckpt])
+    override = start_torchrun(SCRIPT, 1, [*BASE, *linear, "--train-iters", 8, "--lr", 2e-2,
+                                          "--load", ckpt, "--override-opt-param-scheduler",
+                                          "--metrics-file", tmp_path / "m.jsonl"])  # fmt: skip
+    refused, override = finish(refused), finish(override)
     assert refused.returncode == 1
     assert "--lr-decay-iters (default --train-iters): checkpoint 4, flags 8" in refused.stderr
     assert "--override-opt-param-scheduler" in refused.stderr
     assert "[rank0]: Traceback" not in refused.stderr
-    pretrain(1, *linear, "--train-iters", 8, "--lr", 2e-2, "--load", ckpt,
-             "--override-opt-param-scheduler", "--metrics-file", tmp_path / "m.jsonl")  # fmt: skip
+    assert override.returncode == 0, override.stdout[-2000:] + override.stderr[-3000:]
     lrs = [m["learning_rate"] for m in metrics(tmp_path / "m.jsonl")]
     # Linear decay of the new --lr 2e-2 over the new 8 iterations, from step 5: not LR 0.
     assert lrs == pytest.approx([2e-2 * (1 - k / 8) for k in (5, 6, 7, 8)])
