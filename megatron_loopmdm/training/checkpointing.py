@@ -29,6 +29,7 @@ from megatron_loopmdm.training.safe_load import UnsafeCheckpointError, check_dis
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 DEEPSPEED_LATEST_FILE = "latest"  # DeepSpeed's own marker of its newest checkpoint's tag
@@ -148,23 +149,64 @@ def save_checkpoint(root, iteration: int, chunks: list, optimizer=None, extra=No
     state = _sharded_state(chunks, optimizer, iteration, is_loading=False, extra=extra)
     try:
         dist_checkpointing.save(state, str(staging))
-    except OSError as error:
-        raise CheckpointError(
-            f"could not write the checkpoint {staging}: {error.strerror or error}. Free space or "
-            f"point --save elsewhere; earlier checkpoints under {root} are intact."
-        ) from None
-    _barrier()
-    if _is_rank0():
-        if extra and "run_config" in extra:  # the run configuration as a plain JSON file too
-            (staging / RUN_CONFIG_FILE).write_text(extra["run_config"] + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        marker = Path(root) / LATEST_FILE
-        marker_tmp = marker.with_suffix(".tmp")
-        marker_tmp.write_text(f"{iteration}\n")
-        os.replace(marker_tmp, marker)
+        _barrier()
+        if _is_rank0():
+            if extra and "run_config" in extra:  # the run configuration as a plain JSON file too
+                (staging / RUN_CONFIG_FILE).write_text(extra["run_config"] + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            marker = Path(root) / LATEST_FILE
+            marker_tmp = marker.with_suffix(".tmp")
+            marker_tmp.write_text(f"{iteration}\n")
+            os.replace(marker_tmp, marker)
+    except (OSError, CheckpointException) as error:
+        # torch's checkpoint writer reports a full disk as a CheckpointException (a
+        # BaseException) around a RuntimeError that has lost the errno: say what the disk holds.
+        raise _write_failure(root, staging, error) from None
     _barrier()
     return final
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _root_cause(error: BaseException) -> str:
+    """The OSError's reason (e.g. "No space left on device") if one is in the chain, else the
+    last line of what the writer reported."""
+    found = [error]
+    if isinstance(error, CheckpointException):
+        found = [exc for exc, _trace in error.failures.values()]
+    for exc in found:
+        while exc is not None:
+            if isinstance(exc, OSError) and exc.strerror:
+                return exc.strerror
+            exc = exc.__cause__ or exc.__context__
+    lines = str(found[0]).strip().splitlines() or [type(found[0]).__name__]
+    return lines[-1][:200]
+
+
+def _write_failure(root, staging: Path, error: BaseException) -> CheckpointError:
+    """A one-line error naming the disk and its free space; removes the partial `.tmp` save
+    (rank 0) so the space it took is given back. `latest` was not touched."""
+    usage = shutil.disk_usage(staging.parent)
+    marked = latest_iteration(root) if (Path(root) / LATEST_FILE).is_file() else None
+    if _is_rank0():
+        shutil.rmtree(staging, ignore_errors=True)
+    kept = (
+        f"{LATEST_FILE} still names the intact iteration {marked}"
+        if marked is not None
+        else "there is no earlier checkpoint"
+    )
+    return CheckpointError(
+        f"could not write the checkpoint {staging} ({_root_cause(error)}): the disk holding "
+        f"--save ({_mount_point(staging.parent)}) has {usage.free / 2**20:.1f} MiB free of "
+        f"{usage.total / 2**20:.1f} MiB. Free space or point --save elsewhere; the partial "
+        f"{staging.name} was removed and {kept}."
+    )
 
 
 def latest_iteration(root) -> Optional[int]:

@@ -23,8 +23,8 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from tests.hf.conftest import VARIANT_FLAGS, VOCAB, subprocess_env, torchrun_command
-from tests.utils import REPO
+from tests.hf.conftest import VARIANT_FLAGS, VOCAB, subprocess_env
+from tests.utils import REPO, finish, run_without_megatron, start_torchrun
 
 MASK_ID = VOCAB - 1  # the trainer's default [MASK] under --mock-data
 SEQ = 24
@@ -36,9 +36,19 @@ def tool_main(name):
     return runpy.run_path(str(REPO / "tools" / name))["main"]
 
 
-def run_tool(name, *args):
+def start_tool(name, *args) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "tools" / name), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=REPO)  # fmt: skip
+
+
+def finish_tool(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def run_tool(name, *args):
+    return finish_tool(start_tool(name, *args))
 
 
 def extra_of(root) -> dict:
@@ -86,11 +96,10 @@ def assert_same_logits(got, want):
 
 @pytest.fixture(scope="module")
 def hf_dirs(trained, tmp_path_factory):
-    """{layout: HF directory}; TP=2 goes through the command line, the others in-process."""
+    """{layout: HF directory}; TP=2 goes through the command line (alongside), the others
+    in-process."""
     out = tmp_path_factory.mktemp("hf")
-    tp2 = ["--load", trained["tp2"], "--save", out / "tp2"]
-    result = run_tool("convert_checkpoint_to_hf.py", *tp2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    tp2 = start_tool("convert_checkpoint_to_hf.py", "--load", trained["tp2"], "--save", out / "tp2")
     for name in ("pp2", "variants"):
         assert (
             tool_main("convert_checkpoint_to_hf.py")(
@@ -98,6 +107,8 @@ def hf_dirs(trained, tmp_path_factory):
             )
             == 0
         )
+    result = finish_tool(tp2)
+    assert result.returncode == 0, result.stderr[-3000:]
     return {name: out / name for name in trained}
 
 
@@ -126,15 +137,28 @@ def test_hf_model_gives_the_megatron_logits(trained, hf_dirs, layout):
 
 @pytest.fixture(scope="module")
 def round_trips(hf_dirs, tmp_path_factory):
-    """{layout: checkpoint root} converted back; the variants through the command line."""
+    """{layout: checkpoint root} converted back, the variants through the command line
+    (alongside the in-process TP=2 one); under "continued", `pretrain_loopmdm.py` at PP=2
+    started from the variants, finished by the test that checks it (the tests in between run
+    alongside it)."""
     out = tmp_path_factory.mktemp("round_trip")
-    result = run_tool(
+    variants = start_tool(
         "convert_hf_to_checkpoint.py", "--load", hf_dirs["variants"], "--save", out / "variants"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     main = tool_main("convert_hf_to_checkpoint.py")
     assert main(["--load", str(hf_dirs["tp2"]), "--save", str(out / "tp2")]) == 0
-    return {"tp2": out / "tp2", "variants": out / "variants"}
+    result = finish_tool(variants)
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = [
+        "--model-size", "debug", "--mock-data", "--vocab-size", VOCAB, "--micro-batch-size", 4,
+        "--global-batch-size", 8, "--train-iters", 1, "--lr", 1e-3, "--log-interval", 1,
+        "--pipeline-model-parallel-size", 2, *VARIANT_FLAGS,
+        "--load", out / "variants", "--finetune",
+    ]  # fmt: skip
+    continued = start_torchrun(REPO / "pretrain_loopmdm.py", 2, args)
+    yield {"tp2": out / "tp2", "variants": out / "variants", "continued": continued}
+    if continued.returncode is None:
+        finish(continued)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "variants"])
@@ -152,53 +176,22 @@ def test_round_trip_gives_bit_identical_weights(trained, round_trips, layout):
     assert "args" in extra and ckpt.latest_iteration(round_trips[layout]) == 0
 
 
-def test_pretrain_continues_from_a_round_trip_at_another_layout(round_trips):
-    args = [
-        "--model-size", "debug", "--mock-data", "--vocab-size", VOCAB, "--micro-batch-size", 4,
-        "--global-batch-size", 8, "--train-iters", 1, "--lr", 1e-3, "--log-interval", 1,
-        "--pipeline-model-parallel-size", 2, *VARIANT_FLAGS,
-        "--load", round_trips["variants"], "--finetune",
-    ]  # fmt: skip
-    cmd = torchrun_command(2, REPO / "pretrain_loopmdm.py", args)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert "loaded weights from" in output and "iteration        1/" in output
-
-
 NO_MEGATRON = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("megatron", "megatron_loopmdm"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 import torch
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 ids = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.save(model(ids, num_loops=4).logits, sys.argv[3])
-assert not any(m.split(".")[0] in ("megatron", "megatron_loopmdm") for m in sys.modules)
 """
 
 
 def test_hf_directory_loads_where_megatron_is_not_importable(hf_dirs, tmp_path):
     ids = sample_ids()
     torch.save(ids, tmp_path / "ids.pt")
-    env = subprocess_env()
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HOME=str(tmp_path / "hf_home"),
-        PYTHONPATH="",
+    result = run_without_megatron(
+        NO_MEGATRON, [hf_dirs["variants"], tmp_path / "ids.pt", tmp_path / "logits.pt"], tmp_path
     )
-    cmd = [
-        sys.executable, "-c", NO_MEGATRON, hf_dirs["variants"], tmp_path / "ids.pt",
-        tmp_path / "logits.pt",
-    ]  # fmt: skip
-    result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env,
-                            cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     hf = LoopMDMForMaskedDiffusion.from_pretrained(hf_dirs["variants"]).eval()
     with torch.no_grad():
@@ -289,3 +282,11 @@ def test_bad_inputs_fail_with_a_clear_message(trained, hf_dirs, tmp_path, capsys
     no_weights.mkdir()
     shutil.copyfile(hf_dirs["tp2"] / "config.json", no_weights / "config.json")
     assert_clear_error(capsys, to_megatron(["--load", str(no_weights), "--save", save]))
+
+
+# Last in the file: the run started by `round_trips` goes on while the tests above run.
+def test_pretrain_continues_from_a_round_trip_at_another_layout(round_trips):
+    result = finish(round_trips["continued"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "loaded weights from" in output and "iteration        1/" in output

@@ -1,8 +1,6 @@
 """The shared sampler: tokens as recorded before unification, caches, parallel decoding, export."""
 
 import json
-import subprocess
-import sys
 
 from megatron_loopmdm.hf.checkpoint import write_hf_directory
 from megatron_loopmdm.inference import LoopPolicy, SamplerConfig, generate
@@ -19,6 +17,7 @@ from tests.inference.sampler_cases import (
     sampler_cases,
 )
 from tests.inference.tiny_model import is_valid, sample_sequences, train_tiny_model
+from tests.utils import run_without_megatron
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +112,6 @@ def test_bad_fast_path_settings_fail_clearly(model):
 
 
 EXPORT_ONLY = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("megatron", "megatron_loopmdm"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 import torch
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
@@ -129,7 +122,6 @@ for name, kwargs in [("plain", {}), ("threshold_dual", dict(threshold=0.05, cach
     out[name] = model.diffusion_generate(prompts, gen_length=8, steps=8, block_length=4,
                                          attention_mask=mask, **kwargs)
 torch.save(out, sys.argv[3])
-assert not any(m.split(".")[0] in ("megatron", "megatron_loopmdm") for m in sys.modules)
 """
 
 
@@ -138,13 +130,9 @@ def test_exported_model_alone_runs_the_fast_paths(model, tmp_path):
     prompts = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     torch.save((prompts, mask), tmp_path / "in.pt")
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore"}  # fmt: skip
-    cmd = [sys.executable, "-c", EXPORT_ONLY, tmp_path / "hf", tmp_path / "in.pt",
-           tmp_path / "out.pt"]  # fmt: skip
-    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env,
-                         cwd=tmp_path)  # fmt: skip
+    run = run_without_megatron(
+        EXPORT_ONLY, [tmp_path / "hf", tmp_path / "in.pt", tmp_path / "out.pt"], tmp_path
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     ragged = [[1, 2, 3], [4, 5, 6, 7]]

@@ -1,13 +1,14 @@
 """Supervised fine-tuning: the objective, and `pretrain_loopmdm.py --sft` end to end."""
 
 import json
+import runpy
 
 import pytest
 import torch
 
-from tests.training.sft_data import addition_examples, make_tokenizer, preprocess, tool
+from tests.training.sft_data import addition_examples, make_tokenizer, preprocess
 from tests.training.test_pretrain import SCRIPT, assert_same_curve, metrics
-from tests.utils import run_torchrun
+from tests.utils import REPO, finish, start_torchrun
 
 MASK, VOCAB = 11, 12
 
@@ -85,55 +86,23 @@ def sft_args(sft_data, *extra):
     )]  # fmt: skip
 
 
-def sft_run(nproc, sft_data, *extra):
-    result = run_torchrun(SCRIPT, nproc, sft_args(sft_data, *extra))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
+LAYOUTS = {
+    "tp2": ["--tensor-model-parallel-size", 2],
+    "pp2": ["--pipeline-model-parallel-size", 2],
+    "zero2": ["--deepspeed", "--deepspeed-config"],  # DP=2; the config file is added below
+}
+RESUME = ["--use-distributed-optimizer"]  # at DP=2
 
 
-@pytest.fixture(scope="module")
-def reference(sft_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "m.jsonl"
-    sft_run(1, sft_data, "--train-iters", 20, "--metrics-file", path)
-    return metrics(path)
-
-
-def test_cli_sft_learns_the_response_and_scores_no_prompt_token(reference):
-    losses = [m["loss"] for m in reference]
-    assert sum(losses[-5:]) / 5 < 0.7, losses
-
-
-@pytest.mark.parametrize("layout", [
-    ["--tensor-model-parallel-size", 2],
-    ["--pipeline-model-parallel-size", 2],
-    ["--deepspeed", "--deepspeed-config", "ZERO2"],  # DP=2
-])  # fmt: skip
-def test_sft_layouts_reproduce_the_single_process_curve(tmp_path, sft_data, reference, layout):
-    if "ZERO2" in layout:
-        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-        layout = [*layout[:-1], tmp_path / "ds.json"]
-    sft_run(2, sft_data, "--train-iters", 4, "--metrics-file", tmp_path / "m.jsonl", *layout)
-    assert_same_curve(metrics(tmp_path / "m.jsonl"), reference[:4])
-
-
-def test_sft_at_dp2_resumes_exactly(tmp_path, sft_data, reference):
-    common = ["--use-distributed-optimizer", "--save", tmp_path / "ckpt"]
-    sft_run(2, sft_data, *common, "--train-iters", 2, "--metrics-file", tmp_path / "a.jsonl")
-    result = sft_run(2, sft_data, *common, "--train-iters", 4, "--load", tmp_path / "ckpt",
-                     "--metrics-file", tmp_path / "b.jsonl")  # fmt: skip
-    assert "resumed from" in result.stdout
-    first, resumed = metrics(tmp_path / "a.jsonl"), metrics(tmp_path / "b.jsonl")
-    assert [m["iteration"] for m in resumed] == [3, 4]
-    assert_same_curve(first + resumed, reference[:4])
-
-
-def test_sft_finetunes_a_hugging_face_export(tmp_path, sft_data, reference):
+def export_random_hf_model(directory, tokenizer_dir):
+    """A fresh (untrained) Hugging Face LoopMDM of the debug size, converted to a megatron
+    checkpoint by tools/convert_hf_to_checkpoint.py; returns the checkpoint."""
     from megatron_loopmdm.data import build_tokenizer
     from megatron_loopmdm.hf import LoopMDMConfig, LoopMDMForMaskedDiffusion
     from megatron_loopmdm.models.sizes import get_model_size
 
     size = get_model_size("debug")
-    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(sft_data[0]))
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(tokenizer_dir))
     config = LoopMDMConfig(
         vocab_size=384, hidden_size=size.hidden_size, intermediate_size=size.ffn_hidden_size,
         num_hidden_layers=size.num_layers, num_attention_heads=size.num_attention_heads,
@@ -142,12 +111,78 @@ def test_sft_finetunes_a_hugging_face_export(tmp_path, sft_data, reference):
         max_position_embeddings=size.seq_length, eos_token_id=tokenizer.eod,
     )  # fmt: skip
     torch.manual_seed(7)
-    LoopMDMForMaskedDiffusion(config).save_pretrained(tmp_path / "hf")
-    tool("convert_hf_to_checkpoint.py", "--load", tmp_path / "hf", "--save", tmp_path / "ckpt")
-    result = sft_run(1, sft_data, "--train-iters", 2, "--load", tmp_path / "ckpt", "--finetune",
-                     "--metrics-file", tmp_path / "m.jsonl")  # fmt: skip
-    assert "for fine-tuning; starting at iteration 0" in result.stdout
-    tuned = metrics(tmp_path / "m.jsonl")
+    LoopMDMForMaskedDiffusion(config).save_pretrained(directory / "hf")
+    convert = runpy.run_path(str(REPO / "tools" / "convert_hf_to_checkpoint.py"))["main"]
+    assert convert(["--load", str(directory / "hf"), "--save", str(directory / "ckpt")]) == 0
+    return directory / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def runs(sft_data, tmp_path_factory, megatron_single_process):
+    """{name: (finished run, its metrics)} for every `pretrain_loopmdm.py --sft` run of this
+    file, started together so that they share the two cores: the 20-iteration single-process
+    reference, the 4-iteration layouts, the DP=2 resume (its second half started when the first
+    ends) and the fine-tuning of a converted Hugging Face model."""
+    root = tmp_path_factory.mktemp("runs")
+    (root / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    ckpt = root / "resume_ckpt"
+    jobs = {
+        "reference": (1, ["--train-iters", 20]),
+        **{name: (2, ["--train-iters", 4, *flags]) for name, flags in LAYOUTS.items()},
+        "resume_a": (2, [*RESUME, "--save", ckpt, "--train-iters", 2]),
+        "finetune": (1, ["--train-iters", 2, "--finetune", "--load",
+                         export_random_hf_model(root, sft_data[0])]),
+    }  # fmt: skip
+    jobs["zero2"][1].append(root / "ds.json")
+
+    def start(name, nproc, args):
+        extra = [*args, "--metrics-file", root / f"{name}.jsonl"]
+        return start_torchrun(SCRIPT, nproc, sft_args(sft_data, *extra))
+
+    started = {name: start(name, *job) for name, job in jobs.items()}
+    done = {"resume_a": finish(started.pop("resume_a"))}
+    if done["resume_a"].returncode == 0:
+        resume_b = [*RESUME, "--save", ckpt, "--load", ckpt, "--train-iters", 4]
+        started["resume_b"] = start("resume_b", 2, resume_b)
+    done.update((name, finish(process)) for name, process in started.items())
+    curves = {name: root / f"{name}.jsonl" for name in done}
+    return {name: (result, metrics(curves[name]) if curves[name].exists() else [])
+            for name, result in done.items()}  # fmt: skip
+
+
+def succeeded(runs, name):
+    """The run's output and metrics, once its exit status is checked."""
+    result, curve = runs[name]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout, curve
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return succeeded(runs, "reference")[1]
+
+
+def test_cli_sft_learns_the_response_and_scores_no_prompt_token(reference):
+    losses = [m["loss"] for m in reference]
+    assert sum(losses[-5:]) / 5 < 0.7, losses
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sft_layouts_reproduce_the_single_process_curve(runs, reference, layout):
+    assert_same_curve(succeeded(runs, layout)[1], reference[:4])
+
+
+def test_sft_at_dp2_resumes_exactly(runs, reference):
+    first = succeeded(runs, "resume_a")[1]
+    stdout, resumed = succeeded(runs, "resume_b")
+    assert "resumed from" in stdout
+    assert [m["iteration"] for m in resumed] == [3, 4]
+    assert_same_curve(first + resumed, reference[:4])
+
+
+def test_sft_finetunes_a_hugging_face_export(runs, reference):
+    stdout, tuned = succeeded(runs, "finetune")
+    assert "for fine-tuning; starting at iteration 0" in stdout
     assert [m["iteration"] for m in tuned] == [1, 2]
     # Same data, noise and loops, other weights: another loss.
     assert tuned[0]["loss"] != pytest.approx(reference[0]["loss"], rel=1e-3)
