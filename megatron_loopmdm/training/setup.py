@@ -44,8 +44,19 @@ def build_model_chunks(
             use_te=use_te,
             init_seed=init_seed,
         )
-        chunks.append(chunk.to(device))
+        chunks.append(_cast_parameters(chunk, config.params_dtype).to(device))
     return chunks
+
+
+def _cast_parameters(chunk, dtype: torch.dtype):
+    """Every floating parameter in the run's dtype, as Megatron-LM's `Float16Module` and
+    DeepSpeed's bf16/fp16 engines make them: the local spec's norms create fp32 weights, which
+    megatron's non-distributed fp16/bf16 optimizer cannot checkpoint ("Param id .. does not
+    match any model sharded param"). Buffers (e.g. RoPE frequencies) keep their dtype."""
+    for param in chunk.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return chunk
 
 
 def wrap_with_ddp(

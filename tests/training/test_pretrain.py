@@ -173,6 +173,21 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
     assert resumed == full[4:]  # to the bit: loss, grad norm, loops, learning rate
 
 
+def test_bf16_without_the_distributed_optimizer_saves_and_resumes_exactly(tmp_path):
+    """megatron's fp16/bf16 optimizer checkpoints only low-precision parameters: every parameter
+    (the local spec's norms too) must be bf16, as under Megatron-LM's Float16Module."""
+    common = ["--bf16", "--train-iters", 3, "--save", tmp_path / "ckpt", "--save-interval", 2]
+    pretrain(1, *common, "--metrics-file", tmp_path / "full.jsonl")
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*")) == [
+        "iter_0000002", "iter_0000003"
+    ]  # fmt: skip
+    pretrain(1, *common, "--load", tmp_path / "ckpt", "--iteration", 2,
+             "--metrics-file", tmp_path / "resumed.jsonl")  # fmt: skip
+    full, resumed = metrics(tmp_path / "full.jsonl"), metrics(tmp_path / "resumed.jsonl")
+    assert [m["iteration"] for m in resumed] == [3]
+    assert resumed == full[2:]
+
+
 def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path, single_process_curve):
     ckpt = tmp_path / "ckpt"
     pretrain(2, "--tensor-model-parallel-size", 2, "--train-iters", 3, "--save", ckpt)
