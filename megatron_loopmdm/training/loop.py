@@ -409,8 +409,9 @@ class Run:
                     "diffusion": self.diffusion,
                 },
                 str(self.dtype).removeprefix("torch."),
-                self.args.tokenizer_type if self.tokenizer is not None else None,
-                self.args.tokenizer_model if self.tokenizer is not None else None,
+                # as given, even with --mock-data (the export copies the tokenizer from it)
+                self.args.tokenizer_type if self.args.tokenizer_model else None,
+                self.args.tokenizer_model,
             ),
         }
 
