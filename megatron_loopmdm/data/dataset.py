@@ -140,8 +140,9 @@ def build_train_valid_test_datasets(
         raise ValueError(
             f"Training on indexed data needs an end-of-document token, but the "
             f"{type(tokenizer).__name__} at {tokenizer.path} has no EOS or SEP token: add one "
-            "(e.g. eos_token in tokenizer_config.json), or build the tokenizer with "
-            "build_tokenizer(..., eod_token=TOKEN) (--eod-token of tools/preprocess_data.py)."
+            "(e.g. eos_token in tokenizer_config.json), or name one with --eod-token TOKEN "
+            "(pretrain_loopmdm.py and tools/preprocess_data.py; "
+            "build_tokenizer(..., eod_token=TOKEN) in the library)."
         ) from None
     for prefix in data_config.prefixes():
         check_metadata(prefix, tokenizer.vocab_size, type(tokenizer).__name__)

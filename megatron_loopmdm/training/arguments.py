@@ -122,6 +122,11 @@ def _data_args(parser):
     group.add_argument("--vocab-file")
     group.add_argument("--merge-file")
     group.add_argument(
+        "--eod-token",
+        help="end-of-document token for a tokenizer without EOS or SEP (as given to "
+        "tools/preprocess_data.py --eod-token)",
+    )
+    group.add_argument(
         "--mock-data",
         action="store_true",
         help="synthetic, learnable token sequences (no files needed)",

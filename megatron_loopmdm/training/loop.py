@@ -103,9 +103,8 @@ def _vocab_and_tokenizer(args):
         return None, args.vocab_size, mask_token_id
     from megatron_loopmdm.data import build_tokenizer
 
-    tokenizer = build_tokenizer(
-        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
-    )
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                                args.merge_file, eod_token=args.eod_token)  # fmt: skip
     mask_token_id = tokenizer.mask if args.mask_token_id is None else args.mask_token_id
     check_mask_token_id(mask_token_id, tokenizer.vocab_size, "the tokenizer's vocabulary")
     return tokenizer, tokenizer.vocab_size, mask_token_id
