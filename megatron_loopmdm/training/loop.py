@@ -409,7 +409,7 @@ class Run:
                 },
                 str(self.dtype).removeprefix("torch."),
                 # as given, even with --mock-data (the export copies the tokenizer from it)
-                self.args.tokenizer_type if self.args.tokenizer_model else None,
+                self.args.tokenizer_type,
                 self.args.tokenizer_model,
             ),
         }

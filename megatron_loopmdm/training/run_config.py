@@ -25,7 +25,8 @@ def run_config_json(
     Args:
         configs: name -> config dataclass (e.g. "model_size": ModelSize, "parallel": ...).
         params_dtype: one of `DTYPE_NAMES`.
-        tokenizer_type, tokenizer_model: the run's tokenizer (None with mock data).
+        tokenizer_type, tokenizer_model: the run's tokenizer flags as given (the model is None
+            when no --tokenizer-model was passed, e.g. with mock data).
     """
     assert params_dtype in DTYPE_NAMES, params_dtype
     tree = {name: dataclasses.asdict(config) for name, config in configs.items()}
