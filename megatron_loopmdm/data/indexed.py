@@ -10,6 +10,7 @@ checks read only the 34-byte header and file sizes (plus the first document for 
 import fcntl
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from typing import List, Optional
@@ -196,6 +197,36 @@ class IndexedWriter:
     def add_document(self, tokens: numpy.ndarray, lengths: List[int]) -> None:
         self.add_documents(tokens, [lengths])
 
+    def add_index(self, prefix: str) -> None:
+        """Appends every document of the checked pair at `prefix`, as megatron-core's
+        `IndexedDatasetBuilder.add_index` does (same bytes)."""
+        info = check_indexed_dataset(prefix)
+        if numpy.dtype(info.dtype) != self.dtype:
+            raise IndexedDatasetError(
+                f"{prefix}: tokens are {numpy.dtype(info.dtype).name}, the output "
+                f"{self.dtype.name}; they were made with different tokenizers."
+            )
+        plain_size = _HEADER_BYTES + 12 * info.num_sequences + 8 * (info.num_documents + 1)
+        if info.num_sequences and os.path.getsize(prefix + ".idx") != plain_size:
+            raise IndexedDatasetError(
+                f"{prefix}.idx is a multimodal index (it stores sequence modes); merging those "
+                "is not supported, and dropping the modes would change the data."
+            )
+        lengths = numpy.fromfile(
+            prefix + ".idx", dtype=numpy.int32, count=info.num_sequences, offset=_HEADER_BYTES
+        )
+        boundaries = numpy.fromfile(
+            prefix + ".idx",
+            dtype=numpy.int64,
+            count=info.num_documents + 1,
+            offset=_HEADER_BYTES + 12 * info.num_sequences,
+        )
+        with open(prefix + ".bin", "rb") as f:
+            shutil.copyfileobj(f, self.data_file, 16 << 20)
+        self.lengths.append(lengths)
+        self.boundaries.append(self.num_sequences + boundaries[1:])
+        self.num_sequences += lengths.size
+
     def finalize(self, idx_path: str) -> None:
         self.data_file.close()
         lengths = numpy.concatenate(self.lengths) if self.lengths else numpy.zeros(0, numpy.int32)
@@ -231,6 +262,9 @@ class AtomicIndexedWriter:
 
     def add_document(self, tokens: numpy.ndarray, lengths: List[int]) -> None:
         self.builder.add_document(tokens, lengths)
+
+    def add_index(self, prefix: str) -> None:
+        self.builder.add_index(prefix)
 
     def commit(self, metadata: Optional[dict] = None) -> None:
         """Finalizes and renames into place; `metadata` becomes `{prefix}.meta.json`."""

@@ -1,7 +1,8 @@
 """Concatenating indexed datasets (e.g. preprocessing shards) into one, in the given order.
 
-Uses megatron-core's `IndexedDatasetBuilder.add_index`, as Megatron-LM's merge tool does, so the
-merge of shards 0..n-1 of a corpus is byte for byte the single-shot output.
+Writes what megatron-core's `IndexedDatasetBuilder.add_index` writes (Megatron-LM's merge tool),
+through the numpy `AtomicIndexedWriter`, so the merge of shards 0..n-1 of a corpus is byte for
+byte the single-shot output and an interrupted merge leaves no half-written output.
 """
 
 import json
@@ -9,14 +10,12 @@ import os
 import re
 from typing import List, Sequence
 
-import megatron_loopmdm  # noqa: F401
 from megatron_loopmdm.data.indexed import (
     METADATA_SUFFIX,
+    AtomicIndexedWriter,
     IndexedDatasetError,
     check_indexed_dataset,
 )
-
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 _SHARD_NAME = re.compile(r"-shard(\d{5})-of-(\d{5})")
 
@@ -68,30 +67,14 @@ def merge_indexed_datasets(prefixes: Sequence[str], output_prefix: str) -> str:
             + ", ".join(f"{i.prefix}: {i.dtype.__name__}" for i in infos)
             + "; they were made with different tokenizers."
         )
-    tmp = f"{output_prefix}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=infos[0].dtype)
+    meta = _merged_metadata(prefixes)
+    writer = AtomicIndexedWriter(output_prefix, infos[0].dtype)
     try:
         for prefix in prefixes:
-            builder.add_index(prefix)
-        builder.finalize(tmp + ".idx")
-        meta = _merged_metadata(prefixes)
-        if meta is not None:
-            with open(tmp + METADATA_SUFFIX, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1, sort_keys=True)
-        if os.path.exists(output_prefix + ".idx"):
-            os.remove(output_prefix + ".idx")
-        os.replace(tmp + ".bin", output_prefix + ".bin")
-        if meta is not None:
-            os.replace(tmp + METADATA_SUFFIX, output_prefix + METADATA_SUFFIX)
-        elif os.path.exists(output_prefix + METADATA_SUFFIX):
-            os.remove(output_prefix + METADATA_SUFFIX)
-        os.replace(tmp + ".idx", output_prefix + ".idx")
+            writer.add_index(prefix)
+        writer.commit(meta)
     except BaseException:
-        builder.data_file.close()
-        for suffix in (".bin", ".idx", METADATA_SUFFIX):
-            if os.path.exists(tmp + suffix):
-                os.remove(tmp + suffix)
+        writer.abort()
         raise
     return output_prefix
 

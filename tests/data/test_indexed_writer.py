@@ -11,6 +11,7 @@ from megatron_loopmdm.data.indexed import DTYPE_CODES, IndexedWriter, optimal_dt
 
 import numpy
 import pytest
+import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,3 +84,43 @@ def test_preprocessing_runs_without_importing_megatron_core(tmp_path):
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", tok)
     assert dataset[3].tolist() == tokenizer.tokenize(texts[3]) + [tokenizer.eod]
+
+
+def test_merge_is_byte_identical_to_megatron_cores_add_index(tmp_path):
+    from megatron_loopmdm.data.merge import merge_indexed_datasets
+
+    rng = numpy.random.default_rng(1)
+    prefixes = []
+    for i, num_docs in enumerate((4, 0, 9)):
+        writer = IndexedWriter(str(tmp_path / f"part{i}.bin"), numpy.uint16)
+        for _ in range(num_docs):
+            doc = [int(n) for n in rng.integers(1, 30, rng.integers(1, 4))]
+            writer.add_document(rng.integers(0, 60000, sum(doc)), doc)
+        writer.finalize(str(tmp_path / f"part{i}.idx"))
+        prefixes.append(str(tmp_path / f"part{i}"))
+
+    merge_indexed_datasets(prefixes, str(tmp_path / "ours"))
+    theirs = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=numpy.uint16)
+    for prefix in prefixes:
+        theirs.add_index(prefix)
+    theirs.finalize(str(tmp_path / "theirs.idx"))
+
+    for suffix in (".bin", ".idx"):
+        ours_bytes = (tmp_path / f"ours{suffix}").read_bytes()
+        assert ours_bytes == (tmp_path / f"theirs{suffix}").read_bytes()
+    assert len(IndexedDataset(str(tmp_path / "ours"))) == len(IndexedDataset(prefixes[0])) + len(
+        IndexedDataset(prefixes[2])
+    )
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_merge_refuses_a_multimodal_index_instead_of_dropping_its_modes(tmp_path):
+    from megatron_loopmdm.data.indexed import IndexedDatasetError
+    from megatron_loopmdm.data.merge import merge_indexed_datasets
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "mm.bin"), dtype=numpy.uint16, multimodal=True)
+    builder.add_document(torch.tensor([1, 2, 3]), [3], modes=[1])
+    builder.finalize(str(tmp_path / "mm.idx"))
+    with pytest.raises(IndexedDatasetError, match="multimodal"):
+        merge_indexed_datasets([str(tmp_path / "mm")], str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out*"))
