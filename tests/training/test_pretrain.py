@@ -466,3 +466,49 @@ def test_loading_a_checkpoint_of_another_architecture_names_the_differences(tmp_
     assert "hidden_size: checkpoint 64, this run 32" in result.stderr
     assert "loop_embedding: checkpoint False, this run True" in result.stderr
     assert "[rank0]: Traceback" not in result.stderr
+
+
+def test_eod_token_flag_for_a_tokenizer_without_eos_or_sep(tmp_path):
+    """A WordPiece tokenizer with neither EOS nor SEP: preprocessing and training both take
+    --eod-token; training without it stops at start-up with one line naming the flag."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    corpus, tok_dir, prefix = tmp_path / "corpus.jsonl", tmp_path / "tok", tmp_path / "data" / "c"
+    tool = [sys.executable, str(REPO / "tools" / "make_synthetic_corpus.py")]
+    made = subprocess.run([*tool, "--output", str(corpus), "--num-docs", "200", "--seed", "5"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    texts = [json.loads(line)["text"] for line in open(corpus)]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[MASK]", "[EOD]"]
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+    )
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]",
+              "pad_token": "[PAD]", "mask_token": "[MASK]"}  # fmt: skip
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    tok_flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir)]
+
+    preprocess = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input",
+                  str(corpus), "--output-prefix", str(prefix), *tok_flags, "--append-eod",
+                  "--eod-token", "[EOD]", "--workers", "1"]  # fmt: skip
+    done = subprocess.run(preprocess, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    eod_id = tok.token_to_id("[EOD]")
+    meta = json.loads(open(f"{prefix}_text_document.meta.json").read())
+    assert meta["eod_id"] == eod_id
+
+    train = ["--model-size", "debug", "--micro-batch-size", 4, "--global-batch-size", 4,
+             "--lr", 3e-3, "--log-interval", 1, "--train-iters", 2, "--data-path",
+             f"{prefix}_text_document", "--split", "100,0,0", *tok_flags, "--data-cache-path",
+             tmp_path / "cache", "--metrics-file", tmp_path / "m.jsonl"]  # fmt: skip
+    refused = run_torchrun(SCRIPT, 1, [str(a) for a in train])
+    assert refused.returncode != 0
+    assert "--eod-token" in refused.stderr and "[rank0]: Traceback" not in refused.stderr
+    result = run_torchrun(SCRIPT, 1, [str(a) for a in (*train, "--eod-token", "[EOD]")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["iteration"] for m in metrics(tmp_path / "m.jsonl")] == [1, 2]
