@@ -90,8 +90,15 @@ LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", 2],
     "pp2": ["--pipeline-model-parallel-size", 2],
     "zero2": ["--deepspeed", "--deepspeed-config"],  # DP=2; the config file is added below
+    # 4 processes: TP=2 x PP=2, two virtual stages of one layer per rank (loop block = layer 1).
+    "tp2pp2vpp2": ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2,
+                   "--num-layers-per-virtual-pipeline-stage", 1],
+}  # fmt: skip
+NPROC = {"tp2pp2vpp2": 4}
+RESUME = {  # at DP=2: the megatron distributed optimizer, and DeepSpeed ZeRO-2
+    "resume": ["--use-distributed-optimizer"],
+    "ds_resume": ["--deepspeed", "--deepspeed-config"],
 }
-RESUME = ["--use-distributed-optimizer"]  # at DP=2
 
 
 def export_random_hf_model(directory, tokenizer_dir):
@@ -121,29 +128,33 @@ def export_random_hf_model(directory, tokenizer_dir):
 def runs(sft_data, tmp_path_factory, megatron_single_process):
     """{name: (finished run, its metrics)} for every `pretrain_loopmdm.py --sft` run of this
     file, started together so that they share the two cores: the 20-iteration single-process
-    reference, the 4-iteration layouts, the DP=2 resume (its second half started when the first
-    ends) and the fine-tuning of a converted Hugging Face model."""
+    reference, the 4-iteration layouts, the DP=2 resumes with megatron's distributed optimizer
+    and with DeepSpeed (each second half started when its first ends) and the fine-tuning of a
+    converted Hugging Face model."""
     root = tmp_path_factory.mktemp("runs")
     (root / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    ckpt = root / "resume_ckpt"
+    layouts = {name: [*flags, root / "ds.json"] if flags[-1] == "--deepspeed-config" else flags
+               for name, flags in {**LAYOUTS, **RESUME}.items()}  # fmt: skip
     jobs = {
         "reference": (1, ["--train-iters", 20]),
-        **{name: (2, ["--train-iters", 4, *flags]) for name, flags in LAYOUTS.items()},
-        "resume_a": (2, [*RESUME, "--save", ckpt, "--train-iters", 2]),
+        **{name: (NPROC.get(name, 2), ["--train-iters", 4, *layouts[name]]) for name in LAYOUTS},
+        **{f"{name}_a": (2, [*layouts[name], "--save", root / name, "--train-iters", 2])
+           for name in RESUME},
         "finetune": (1, ["--train-iters", 2, "--finetune", "--load",
                          export_random_hf_model(root, sft_data[0])]),
     }  # fmt: skip
-    jobs["zero2"][1].append(root / "ds.json")
 
     def start(name, nproc, args):
         extra = [*args, "--metrics-file", root / f"{name}.jsonl"]
         return start_torchrun(SCRIPT, nproc, sft_args(sft_data, *extra))
 
     started = {name: start(name, *job) for name, job in jobs.items()}
-    done = {"resume_a": finish(started.pop("resume_a"))}
-    if done["resume_a"].returncode == 0:
-        resume_b = [*RESUME, "--save", ckpt, "--load", ckpt, "--train-iters", 4]
-        started["resume_b"] = start("resume_b", 2, resume_b)
+    done = {}
+    for name in RESUME:  # the second half of a resume starts when its first half ends
+        done[f"{name}_a"] = finish(started.pop(f"{name}_a"))
+        if done[f"{name}_a"].returncode == 0:
+            args = [*layouts[name], "--save", root / name, "--load", root / name]
+            started[f"{name}_b"] = start(f"{name}_b", 2, [*args, "--train-iters", 4])
     done.update((name, finish(process)) for name, process in started.items())
     curves = {name: root / f"{name}.jsonl" for name in done}
     return {name: (result, metrics(curves[name]) if curves[name].exists() else [])
@@ -172,9 +183,10 @@ def test_sft_layouts_reproduce_the_single_process_curve(runs, reference, layout)
     assert_same_curve(succeeded(runs, layout)[1], reference[:4])
 
 
-def test_sft_at_dp2_resumes_exactly(runs, reference):
-    first = succeeded(runs, "resume_a")[1]
-    stdout, resumed = succeeded(runs, "resume_b")
+@pytest.mark.parametrize("backend", list(RESUME))
+def test_sft_at_dp2_resumes_exactly(runs, reference, backend):
+    first = succeeded(runs, f"{backend}_a")[1]
+    stdout, resumed = succeeded(runs, f"{backend}_b")
     assert "resumed from" in stdout
     assert [m["iteration"] for m in resumed] == [3, 4]
     assert_same_curve(first + resumed, reference[:4])
