@@ -1,9 +1,11 @@
 """The parallel layout and process-group set-up."""
 
+import contextlib
 import dataclasses
 import datetime
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -245,3 +247,46 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group(error: type = ValueError):
+    """A one-process gloo group with megatron's TP=1/PP=1 groups, unless one already exists.
+
+    For work that runs the whole model in one process (checkpoint conversion). A group this
+    started is destroyed on exit; an existing one must be TP=1/PP=1, else `error` is raised.
+    """
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_initialized():
+        if not parallel_state.model_parallel_is_initialized():
+            raise error(
+                "torch.distributed is initialised without megatron's process groups: convert "
+                "outside the job, or call initialize_distributed(ParallelConfig()) first."
+            )
+        if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
+            parallel_state.get_pipeline_model_parallel_world_size() != 1
+        ):
+            raise error(
+                "Conversion runs the whole model in one process: call it outside a "
+                "tensor/pipeline-parallel job (or in one with TP=1 and PP=1)."
+            )
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1"
+    )
+    try:
+        initialize_distributed(ParallelConfig(), "cpu")
+        yield
+    finally:
+        destroy_distributed()
+        os.environ.clear()
+        os.environ.update(saved)

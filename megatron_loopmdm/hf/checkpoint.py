@@ -5,21 +5,15 @@ reshards) inside a one-process gloo group, then renamed by `hf.mapping`. The rev
 the same model from an HF directory and saves a dist checkpoint that any layout loads.
 """
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
-from megatron_loopmdm.distributed.parallel import (
-    ParallelConfig,
-    destroy_distributed,
-    initialize_distributed,
-)
+from megatron_loopmdm.distributed.parallel import ParallelConfig, single_process_group
 from megatron_loopmdm.hf import mapping
 from megatron_loopmdm.hf.configuration_loopmdm import LoopMDMConfig
 from megatron_loopmdm.hf.modeling_loopmdm import LoopMDMForMaskedDiffusion
@@ -31,7 +25,7 @@ from megatron_loopmdm.training import checkpointing as ckpt
 from megatron_loopmdm.training.run_config import read_run_config
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from transformers import GenerationConfig
 
 HF_DIR = Path(__file__).resolve().parent
@@ -62,46 +56,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class ConversionError(ValueError):
     """A checkpoint or directory that cannot be converted; the message says why."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def single_process_group():
-    """A one-process gloo group with megatron's TP=1/PP=1 groups, unless one already exists.
-
-    A group this started is destroyed on exit; an existing one must be TP=1/PP=1.
-    """
-    if torch.distributed.is_initialized():
-        if not parallel_state.model_parallel_is_initialized():
-            raise ConversionError(
-                "torch.distributed is initialised without megatron's process groups: convert "
-                "outside the job, or call initialize_distributed(ParallelConfig()) first."
-            )
-        if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
-            parallel_state.get_pipeline_model_parallel_world_size() != 1
-        ):
-            raise ConversionError(
-                "Conversion runs the whole model in one process: call it outside a "
-                "tensor/pipeline-parallel job (or in one with TP=1 and PP=1)."
-            )
-        yield
-        return
-    saved = dict(os.environ)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1"
-    )
-    try:
-        initialize_distributed(ParallelConfig(), "cpu")
-        yield
-    finally:
-        destroy_distributed()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def checkpoint_dtype(extra: dict) -> torch.dtype:
@@ -175,7 +129,7 @@ def build_megatron_model(extra: dict, params_dtype: torch.dtype = torch.float32)
 def load_megatron_state(root, iteration: Optional[int] = None) -> tuple[int, dict, dict]:
     """(iteration, extra, TP=1/PP=1 state dict of tensors) of a checkpoint of any layout."""
     iteration, extra = read_checkpoint_extra(root, iteration)
-    with single_process_group():
+    with single_process_group(ConversionError):
         model = build_megatron_model(extra, checkpoint_dtype(extra))
         ckpt.load_checkpoint(root, [model], optimizer=None, iteration=iteration)
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -338,7 +292,7 @@ def save_weights_as_checkpoint(
 ) -> Path:
     """Builds the TP=1/PP=1 model of `extra`, fills it with `tensors` (every tensor of its state
     dict must be given) and saves it as a dist checkpoint; -> the iteration directory."""
-    with single_process_group():
+    with single_process_group(ConversionError):
         model = build_megatron_model(extra, dtype)
         state = model.state_dict()
         unknown = [k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in tensors]
