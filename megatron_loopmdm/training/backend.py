@@ -17,6 +17,7 @@ from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.training.setup import build_model_chunks, build_optimizer, wrap_with_ddp
 from megatron_loopmdm.training.step import StepResult, count_loss_tokens, train_step
 
+import torch
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -179,7 +180,13 @@ class DeepSpeedBackend(Backend):
 
     def save(self, root, iteration: int, extra: dict) -> str:
         self.trainer.save_checkpoint(root, iteration, client_state=extra)
-        return f"{ckpt.checkpoint_dir(root, iteration)} (DeepSpeed format)"
+        directory = ckpt.checkpoint_dir(root, iteration)
+        if "run_config" in extra and torch.distributed.get_rank() == 0:  # megatron's sidecar too
+            sidecar = directory / ckpt.RUN_CONFIG_FILE
+            staging = sidecar.with_suffix(".tmp")
+            staging.write_text(extra["run_config"] + "\n")
+            os.replace(staging, sidecar)
+        return f"{directory} (DeepSpeed format)"
 
     def find_checkpoint(self, root, iteration: Optional[int]) -> Optional[int]:
         # DeepSpeed resumes the checkpoint its `latest` file names (--iteration is not read).

@@ -353,6 +353,9 @@ def test_deepspeed_resume_from_its_own_checkpoint_is_exact(tmp_path, fp32_deepsp
     ckpt = tmp_path / "ckpt"
     pretrain(2, *ds, "--train-iters", 3, "--save", ckpt, "--lr-decay-iters", 5)
     assert (ckpt / "latest").read_text().strip() == "iter_0000003"
+    # The plain-JSON run configuration next to DeepSpeed's files, as next to megatron's.
+    run_config = json.loads((ckpt / "iter_0000003" / "run_config.json").read_text())
+    assert run_config["model_size"]["hidden_size"] == 64 and run_config["version"] >= 1
     result = pretrain(
         2, *ds, "--train-iters", 5, "--load", ckpt, "--metrics-file", tmp_path / "resumed.jsonl"
     )
