@@ -41,6 +41,11 @@ class LoopConfig:
     """Truncated backprop: gradients flow through the last k loops only. None means all.
     Earlier loops run without autograd; the prelude then learns only through input injection."""
 
+    state_noise: float = 0.0
+    """Training only: add Gaussian noise of this standard deviation to the loop block's input
+    state (before loop 1), so the loops learn to pull a perturbed state back. 0 turns it off;
+    eval mode and inference never add noise. Drawn from torch's default generator."""
+
     def __post_init__(self):
         self.loop_layers = tuple(self.loop_layers)
         start, end = self.loop_layers
@@ -64,6 +69,11 @@ class LoopConfig:
             raise ValueError(
                 f"backprop_depth={self.backprop_depth}: backprop through at least 1 loop, or "
                 "leave it unset to backprop through all loops."
+            )
+        if not self.state_noise >= 0.0:
+            raise ValueError(
+                f"state_noise={self.state_noise}: the noise standard deviation must be >= 0 "
+                "(0 turns it off)."
             )
 
     @property

@@ -129,6 +129,9 @@ class LoopMDMBlock(MegatronModule):
         prelude_output = hidden_states
         depth = self.loop_config.backprop_depth
         first_tracked = 0 if depth is None else max(0, num_loops - depth)
+        sigma = self.loop_config.state_noise
+        if self.training and sigma > 0.0:
+            hidden_states = hidden_states + sigma * torch.randn_like(hidden_states)
         for i in range(num_loops):
             if i == first_tracked and i > 0:
                 # Cut the graph explicitly: megatron's layer can return a grad-requiring

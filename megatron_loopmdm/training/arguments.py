@@ -242,6 +242,13 @@ def _loop_and_diffusion_args(parser):
     group.add_argument("--loop-input-injection", choices=INPUT_INJECTIONS, default="none")
     group.add_argument("--loop-embedding", action="store_true")
     group.add_argument("--loop-backprop-depth", type=int)
+    group.add_argument(
+        "--loop-state-noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="training only: Gaussian noise (std SIGMA) on the loop block's input state",
+    )
     group = parser.add_argument_group("diffusion")
     group.add_argument("--mask-token-id", type=int, help="default: the tokenizer's mask token")
     group.add_argument("--time-eps", type=float, default=1e-3)

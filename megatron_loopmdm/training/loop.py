@@ -198,6 +198,7 @@ class Run:
             input_injection=args.loop_input_injection,
             loop_embedding=args.loop_embedding,
             backprop_depth=args.loop_backprop_depth,
+            state_noise=args.loop_state_noise,
         )
         self.device = initialize_distributed(parallel, args.device)
         set_seed(args.seed)

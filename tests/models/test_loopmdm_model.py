@@ -231,3 +231,34 @@ def test_bad_loop_span_is_rejected():
         LoopConfig(loop_sampling="gaussian")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         LoopMDMModelConfig(vocab_size=10, max_sequence_length=8, mask_token_id=10)
+
+
+def test_state_noise_is_added_to_the_loop_input_in_training_only():
+    sigma = 0.5
+    base = LoopConfig(loop_layers=(1, 3), max_loops=3)
+    plain = make_model(base)
+    noisy = make_model(dataclasses.replace(base, state_noise=sigma))
+    ids = tokens()
+    # Eval mode: no noise, the same logits as the model without the option.
+    plain.eval(), noisy.eval()
+    assert torch.equal(plain(ids, num_loops=3), noisy(ids, num_loops=3))
+    # Training mode: the reference adds the same draw by hand before the first loop layer,
+    # once (a pre-hook fires on every loop, so the reference removes itself after one call).
+    plain.train(), noisy.train()
+
+    def add_noise_once(module, args):
+        handle.remove()
+        return (args[0] + sigma * torch.randn_like(args[0]),) + args[1:]
+
+    handle = plain.decoder.layers[1].register_forward_pre_hook(add_noise_once)
+    torch.manual_seed(7)
+    expected = plain(ids, num_loops=3)
+    torch.manual_seed(7)
+    got = noisy(ids, num_loops=3)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, plain(ids, num_loops=3), atol=1e-3)
+
+
+def test_bad_state_noise_is_rejected():
+    with pytest.raises(ValueError, match="state_noise"):
+        LoopConfig(state_noise=-0.1)
