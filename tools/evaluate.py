@@ -10,6 +10,7 @@
     python tools/evaluate.py lm-eval --load DIR --tasks TASKS [--num-loops 4] [--mc-samples 128]
     python tools/evaluate.py exact-match --load DIR --data test.jsonl [--tokenizer TOK] \
         --num-loops 1 2 4 [--gen-length N --steps N --block-length N] [--nelbo-samples 8] \
+        [--threshold 0.9 | --factor 1.0] [--cache none|prefix|dual] [--cache-refresh block] \
         --output-dir OUT
 
 `nelbo` writes OUT/nelbo_vs_loops.{csv,md,png}: the validation NELBO per token on the trainer's
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
 from megatron_loopmdm.evaluation.report import format_table, write_table_and_plot
+from megatron_loopmdm.inference import CACHE_REFRESHES, CACHES
 from megatron_loopmdm.inference.loops import add_loop_policy_arguments, loop_policy_from_args
 
 import torch
@@ -56,6 +58,18 @@ def _common(parser, data: bool = True):
         parser.add_argument("--data-seed", type=int, default=None, help="default: --seed")
         parser.add_argument("--micro-batch-size", type=int, default=8)
         parser.add_argument("--time-eps", type=float, default=1e-3)
+
+
+def _speed_arguments(parser) -> None:
+    """The sampler's speed options, as tools/generate.py takes them (they need --gen-length)."""
+    parallel = parser.add_mutually_exclusive_group()
+    parallel.add_argument("--threshold", type=float, default=None,
+                          help="parallel decoding: commit every token with confidence >= this")
+    parallel.add_argument("--factor", type=float, default=None,
+                          help="parallel decoding by Fast-dLLM's factor rule")
+    parser.add_argument("--cache", choices=CACHES, default="none",
+                        help="key/value cache of every layer and loop")
+    parser.add_argument("--cache-refresh", choices=CACHE_REFRESHES, default="block")
 
 
 def parse_args(argv=None):
@@ -85,6 +99,7 @@ def parse_args(argv=None):
     exact.add_argument("--block-length", type=int)
     exact.add_argument("--remasking", default="low_confidence")
     exact.add_argument("--batch-size", type=int, default=32)
+    _speed_arguments(exact)
     exact.add_argument("--nelbo-samples", type=int, default=0,
                        help="also the answers' NELBO with K Monte Carlo draws (0: off)")
     add_loop_policy_arguments(exact, fixed=False)  # also this policy: OUT/exact_match_policy.*
@@ -193,10 +208,15 @@ def run_exact_match(args, model) -> list:
     examples = read_examples(args.data)[: args.limit]
     tokenizer = _hf_tokenizer(args)
     sampler = None
+    speed = {"threshold": args.threshold, "factor": args.factor, "cache": args.cache,
+             "cache_refresh": args.cache_refresh}  # fmt: skip
+    fast = (args.threshold, args.factor, args.cache) != (None, None, "none")
+    if args.gen_length is None and fast:
+        raise ValueError("--threshold, --factor and --cache need --gen-length (and --block-length)")
     if args.gen_length is not None:
         sampler = SamplerConfig(
             gen_length=args.gen_length, steps=args.steps or args.gen_length,
-            block_length=args.block_length, remasking=args.remasking,
+            block_length=args.block_length, remasking=args.remasking, **speed,
         )  # fmt: skip
     stop = [i for i in (tokenizer.eod, tokenizer.pad) if i is not None]
     rows, predictions = exact_match_per_loops(
@@ -214,7 +234,9 @@ def run_exact_match(args, model) -> list:
     out = Path(args.output_dir)
     with open(out / "exact_match_predictions.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p) + "\n" for p in predictions)
-    report = {"data": str(args.data), "load": str(args.load), "rows": rows}
+    report = {"data": str(args.data), "load": str(args.load), "rows": rows,
+              "sampler": {k: getattr(sampler, k) for k in ("gen_length", "steps", "block_length")}
+              if sampler else None, **speed}  # fmt: skip
     report.update(_exact_match_policy(args, model, examples, tokenizer, stop, sampler))
     if args.nelbo_samples > 0:
         report["nelbo"] = answer_nelbo_per_loops(
