@@ -1,6 +1,12 @@
-"""`single_process_group`: a real one-process gloo group, set up and torn down."""
+"""`single_process_group`: a real one-process gloo group, set up and torn down.
+
+Each test runs in a fresh interpreter: the suite's session fixture (`megatron_single_process`)
+may already hold a process group in this one.
+"""
 
 import os
+import subprocess
+import sys
 
 import megatron_loopmdm  # noqa: F401  (megatron import shims)
 from megatron_loopmdm.distributed.parallel import _free_port, single_process_group
@@ -9,8 +15,19 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
+from tests.utils import REPO
 
-def test_group_is_started_and_destroyed_and_environment_restored():
+
+@pytest.mark.parametrize("case", ["started_and_destroyed", "refused_without_megatron_groups"])
+def test_single_process_group(case):
+    code = f"from tests.distributed.test_single_process_group import {case}; {case}()"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def started_and_destroyed():
     before = dict(os.environ)
     with single_process_group():
         assert torch.distributed.is_initialized()
@@ -28,7 +45,7 @@ class _Refused(ValueError):
     pass
 
 
-def test_group_without_megatron_groups_raises_the_callers_error():
+def refused_without_megatron_groups():
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
     )
