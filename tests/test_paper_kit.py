@@ -75,3 +75,22 @@ def test_loops_sweep_through_the_products_sft_command(tmp_path, kit_modules):
     sweep = json.loads((tmp_path / "loops_sweep.json").read_text())
     assert [r["num_loops"] for r in sweep] == [1, 2, 3, 4]
     assert all(r["val_nelbo"] > 0 for r in sweep)
+
+
+def test_cached_runs_and_data_made_at_another_scale_are_refused(tmp_path, kit_modules):
+    """The run cache was keyed by name/seed/steps only: a changed Scale reused stale runs."""
+    from dataclasses import replace
+
+    kit = sys.modules["kit"]
+    scale = replace(kit.SCALES["smoke"], steps=1)
+    paths = kit.prepare_data(tmp_path, scale)
+    spec = kit.ModelSpec("loopmdm", scale.num_layers, scale.loop_layers, scale.max_loops)
+    kit.train(spec, scale, paths, tmp_path, 0, 1)
+    stored = json.loads((tmp_path / "runs" / "loopmdm-seed0-steps1" / "run.json").read_text())
+    assert stored["scale"]["lr"] == scale.lr and stored["scale"]["hidden_size"] == 32
+    assert kit.train(spec, replace(scale, seeds=(5,)), paths, tmp_path, 0, 1) == stored  # reused
+    with pytest.raises(SystemExit, match="differs in: batch_size, lr"):
+        kit.train(spec, replace(scale, lr=3e-3, batch_size=4), paths, tmp_path, 0, 1)
+    with pytest.raises(SystemExit, match="differs in: levels"):
+        kit.prepare_data(tmp_path, replace(scale, levels=(1, 2)))
+    assert kit.prepare_data(tmp_path, scale) == paths

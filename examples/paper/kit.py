@@ -12,7 +12,9 @@ real trainer (docs/paper_reproduction.md). Scoring: `tools/evaluate.py exact-mat
 split, answer NELBO on the validation split. FLOPs: the project's one formula
 (`megatron_loopmdm.inference.flops.forward_flops_per_token`, x3 for a training step).
 
-Runs are cached by name under WORK/runs, so the scripts share trained models.
+Runs are cached by name under WORK/runs, so the scripts share trained models; each run.json
+(and WORK/data/scale.json) records the scale it was made at, and a cached run or data set made at
+another scale is refused (never silently reused).
 """
 
 import argparse
@@ -108,6 +110,26 @@ def parse_args(description: str, argv=None):
     return args
 
 
+DATA_FIELDS = ("tasks", "levels", "train_per_level", "validation_per_level", "test_per_level")
+NOT_TRAINING = ("seeds", "nelbo_samples", "validation_per_level", "test_per_level", "steps")
+"""Scale fields that do not change a trained model (steps is in the run's name)."""
+
+
+def training_scale(scale: Scale) -> Dict:
+    """The scale fields that affect training, as stored in run.json (lists, as JSON reads)."""
+    fields = {k: v for k, v in asdict(scale).items() if k not in NOT_TRAINING}
+    return json.loads(json.dumps(fields))
+
+
+def check_cached_scale(path: Path, stored, wanted: Dict) -> None:
+    """Refuses a cached PATH made at another scale, naming the fields that differ."""
+    stored = stored or {}
+    differ = sorted(k for k in wanted if stored.get(k) != wanted[k])
+    if differ:
+        raise SystemExit(f"{path} was made at another scale (differs in: {', '.join(differ)}); "
+                         "delete it or use another --work-dir")
+
+
 def prepare_data(work: Path, scale: Scale) -> Dict:
     """Writes the splits (seed 0) and the tokenizer once; returns their paths."""
     from megatron_loopmdm.data.tokenizer_training import train_bpe_tokenizer
@@ -115,7 +137,12 @@ def prepare_data(work: Path, scale: Scale) -> Dict:
     data = work / "data"
     paths = {s: data / f"{s}.jsonl" for s in ("train", "validation", "test")}
     paths["tokenizer"] = data / "tok"
-    if not (paths["tokenizer"] / "tokenizer.json").is_file():
+    wanted = json.loads(json.dumps({k: getattr(scale, k) for k in DATA_FIELDS}))
+    if (paths["tokenizer"] / "tokenizer.json").is_file():
+        stored = data / "scale.json"
+        check_cached_scale(data, json.loads(stored.read_text()) if stored.is_file() else None,
+                           wanted)  # fmt: skip
+    else:
         data.mkdir(parents=True, exist_ok=True)
         sizes = {"train": scale.train_per_level, "validation": scale.validation_per_level,
                  "test": scale.test_per_level}  # fmt: skip
@@ -124,6 +151,7 @@ def prepare_data(work: Path, scale: Scale) -> Dict:
             write_jsonl(records, paths[name])
         texts = [r["prompt"] + r["response"] for r in splits["train"]]
         train_bpe_tokenizer(texts, str(paths["tokenizer"]), vocab_size=259, min_frequency=1)
+        (data / "scale.json").write_text(json.dumps(wanted, indent=1) + "\n")
     return paths
 
 
@@ -189,7 +217,9 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
     run_dir = work / "runs" / f"{spec.name}{tag}-seed{seed}-steps{steps}"
     record_path = run_dir / "run.json"
     if record_path.is_file():
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        check_cached_scale(run_dir, record.get("scale"), training_scale(scale))
+        return record
     if scale.trainer == "pretrain_loopmdm":
         return _train_with_pretrain_loopmdm(spec, scale, paths, run_dir, seed, steps)
     tokenizer = _tokenizer(paths)
@@ -226,7 +256,7 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         "name": spec.name, "seed": seed, "steps": steps, "dir": str(run_dir / "hf"),
         "train_flops": steps * train_flops_per_step(config, scale, seq_length),
         "seconds": time.perf_counter() - start, "final_loss": sum(losses[-20:]) / 20,
-        "spec": asdict(spec), "seq_length": seq_length,
+        "spec": asdict(spec), "seq_length": seq_length, "scale": training_scale(scale),
     }  # fmt: skip
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -282,6 +312,7 @@ def _train_with_pretrain_loopmdm(spec, scale, paths, run_dir: Path, seed: int, s
         "name": spec.name, "seed": seed, "steps": steps, "dir": str(run_dir / "hf"),
         "train_flops": steps * train_flops_per_step(config, scale, sequence_length(paths)),
         "seconds": time.perf_counter() - start, "spec": asdict(spec), "trainer": scale.trainer,
+        "scale": training_scale(scale),
     }  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
