@@ -209,6 +209,7 @@ def extra_from_hf_config(config: LoopMDMConfig) -> dict:
             "input_injection": config.loop_input_injection,
             "loop_embedding": config.loop_embedding,
             "backprop_depth": None,
+            "state_noise": 0.0,  # training-only options: an HF model carries none
         },
         "model_config": {
             "vocab_size": config.vocab_size,
