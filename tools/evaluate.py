@@ -34,8 +34,8 @@ from pathlib import Path
 
 import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
 from megatron_loopmdm.evaluation.report import format_table, write_table_and_plot
-from megatron_loopmdm.inference import CACHE_REFRESHES, CACHES
 from megatron_loopmdm.inference.loops import add_loop_policy_arguments, loop_policy_from_args
+from megatron_loopmdm.inference.sampler import add_speed_arguments
 
 import torch
 
@@ -58,18 +58,6 @@ def _common(parser, data: bool = True):
         parser.add_argument("--data-seed", type=int, default=None, help="default: --seed")
         parser.add_argument("--micro-batch-size", type=int, default=8)
         parser.add_argument("--time-eps", type=float, default=1e-3)
-
-
-def _speed_arguments(parser) -> None:
-    """The sampler's speed options, as tools/generate.py takes them (they need --gen-length)."""
-    parallel = parser.add_mutually_exclusive_group()
-    parallel.add_argument("--threshold", type=float, default=None,
-                          help="parallel decoding: commit every token with confidence >= this")
-    parallel.add_argument("--factor", type=float, default=None,
-                          help="parallel decoding by Fast-dLLM's factor rule")
-    parser.add_argument("--cache", choices=CACHES, default="none",
-                        help="key/value cache of every layer and loop")
-    parser.add_argument("--cache-refresh", choices=CACHE_REFRESHES, default="block")
 
 
 def parse_args(argv=None):
@@ -99,7 +87,7 @@ def parse_args(argv=None):
     exact.add_argument("--block-length", type=int)
     exact.add_argument("--remasking", default="low_confidence")
     exact.add_argument("--batch-size", type=int, default=32)
-    _speed_arguments(exact)
+    add_speed_arguments(exact)  # they need --gen-length
     exact.add_argument("--nelbo-samples", type=int, default=0,
                        help="also the answers' NELBO with K Monte Carlo draws (0: off)")
     add_loop_policy_arguments(exact, fixed=False)  # also this policy: OUT/exact_match_policy.*

@@ -28,15 +28,9 @@ import sys
 from pathlib import Path
 
 import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
-from megatron_loopmdm.inference import (
-    CACHE_REFRESHES,
-    CACHES,
-    REMASKINGS,
-    SCHEDULE_FILE,
-    SamplerConfig,
-    generate,
-)
+from megatron_loopmdm.inference import REMASKINGS, SCHEDULE_FILE, SamplerConfig, generate
 from megatron_loopmdm.inference.loops import add_loop_policy_arguments, loop_policy_from_args
+from megatron_loopmdm.inference.sampler import add_speed_arguments
 
 import torch
 
@@ -62,14 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--cfg-scale", type=float, default=0.0)
     parser.add_argument("--suppress-eos", action="store_true")
-    parallel = parser.add_mutually_exclusive_group()
-    parallel.add_argument("--threshold", type=float, default=None,
-                          help="parallel decoding: commit every token with confidence >= this")
-    parallel.add_argument("--factor", type=float, default=None,
-                          help="parallel decoding by Fast-dLLM's factor rule")
-    parser.add_argument("--cache", choices=CACHES, default="none",
-                        help="key/value cache of every layer and loop")
-    parser.add_argument("--cache-refresh", choices=CACHE_REFRESHES, default="block")
+    add_speed_arguments(parser)
     add_loop_policy_arguments(parser)
     parser.add_argument("--calibrate-loops", metavar="VALID.jsonl",
                         help=f"write a calibrated {SCHEDULE_FILE} into --load from these prompts")
