@@ -50,13 +50,18 @@ def _run_all(tmp_path, kit_modules):
     assert by[("deeper", "equal steps")]["train_flops"] > loop["train_flops"]
     sweep = json.loads((tmp_path / "loops_sweep.json").read_text())
     assert [r["num_loops"] for r in sweep] == [1, 2, 3, 4]  # 1 .. 2 S_max
+    assert all(r["state_change"] >= 0 for r in sweep)
     variants = {r["variant"] for r in json.loads((tmp_path / "loop_span_and_options.json")
                                                  .read_text())}  # fmt: skip
     assert {"loopmdm", "inject-add", "inject-concat", "loop-embedding"} <= variants
     assert any(v.startswith("span-") for v in variants)
+    options = json.loads((tmp_path / "loop_span_and_options.json").read_text())
+    assert all(0 <= r["exact_match_2smax"] <= 1 and r["state_change_2smax"] >= 0
+               for r in options)  # fmt: skip
     attention = json.loads((tmp_path / "mask_attention.json").read_text())
     assert all(0 <= r["share"] <= 1 for r in attention) and len(attention) == 1 + 2 + 3 + 4
     for png in ("compare_models", "loops_sweep_exact_match", "loops_sweep_val_nelbo",
+                "loops_sweep_state_change",
                 "loop_span_and_options", "mask_attention"):  # fmt: skip
         assert (tmp_path / f"{png}.png").stat().st_size > 0
     # The runs are shared: the sweep reused compare_models' LoopMDM of each seed.
@@ -94,3 +99,15 @@ def test_cached_runs_and_data_made_at_another_scale_are_refused(tmp_path, kit_mo
     with pytest.raises(SystemExit, match="differs in: levels"):
         kit.prepare_data(tmp_path, replace(scale, levels=(1, 2)))
     assert kit.prepare_data(tmp_path, scale) == paths
+
+
+def test_scale_flag_selects_a_named_scale_and_refuses_unknown_ones(kit_modules, capsys):
+    """`--scale` picks the sizes every script uses; the default is the CPU scale."""
+    kit = sys.modules["kit"]
+    assert kit.parse_args("t", []).scale == kit.SCALES["cpu"]
+    old = kit.parse_args("t", ["--scale", "cpu-3tasks", "--seeds", "3"]).scale
+    assert old.tasks == ("addition", "variable_lookup", "running_sum") and old.seeds == (3,)
+    assert kit.parse_args("t", ["--smoke"]).scale.hidden_size == 32
+    with pytest.raises(SystemExit):
+        kit.parse_args("t", ["--scale", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err

@@ -4,7 +4,9 @@ concat, loop-index embedding), against the default LoopMDM, on the reasoning sui
     python examples/paper/loop_span_and_options.py [--smoke] [--work-dir runs/paper]
 
 Every variant has the same layers and S_max and trains for the same steps; test exact match and
-validation answer NELBO at S = S_max. Writes OUT/loop_span_and_options.{md,json,png}.
+validation answer NELBO at S = S_max and at 2 S_max (do more loops than trained hurt?), and the
+loop state's relative change at loop 2 S_max (does it converge? `kit.state_changes`). Writes
+OUT/loop_span_and_options.{md,json,png}.
 Truncated backprop (`--loop-backprop-depth`) is a trainer option of pretrain_loopmdm.py and is
 in the GPU-scale commands (docs/paper_reproduction.md), not in this in-process CPU kit.
 """
@@ -41,14 +43,21 @@ def main(argv=None) -> int:
         for spec in variants(scale):
             run = kit.train(spec, scale, paths, work, seed, scale.steps)
             out = work / "eval" / f"{spec.name}-seed{seed}-steps{scale.steps}"
-            s = spec.max_loops
-            accuracy = kit.exact_match(run, paths, [s], out)[s]
-            nelbo = kit.validation_nelbo(run, paths, [s], scale, out)[s]
+            s, s2 = spec.max_loops, 2 * spec.max_loops
+            accuracy = kit.exact_match(run, paths, [s, s2], out)
+            nelbo = kit.validation_nelbo(run, paths, [s, s2], scale, out)
+            change = kit.state_changes(run, paths, s2, out)[s2]
             rows.append({"variant": spec.name, "loop_layers": f"{spec.loop_layers}", "seed": seed,
-                         "exact_match": accuracy, "val_nelbo": nelbo})  # fmt: skip
-    summary = kit.summarize(rows, ["variant", "loop_layers"], ["exact_match", "val_nelbo"])
+                         "exact_match": accuracy[s], "val_nelbo": nelbo[s],
+                         "exact_match_2smax": accuracy[s2], "val_nelbo_2smax": nelbo[s2],
+                         "state_change_2smax": change})  # fmt: skip
+    metrics = ["exact_match", "val_nelbo", "exact_match_2smax", "val_nelbo_2smax",
+               "state_change_2smax"]  # fmt: skip
+    summary = kit.summarize(rows, ["variant", "loop_layers"], metrics)
     columns = ["variant", "loop_layers", "seeds", "exact_match", "exact_match_std",
-               "exact_match_min", "exact_match_max", "val_nelbo", "val_nelbo_std"]  # fmt: skip
+               "exact_match_min", "exact_match_max", "val_nelbo", "val_nelbo_std",
+               "exact_match_2smax", "exact_match_2smax_std", "val_nelbo_2smax",
+               "state_change_2smax", "state_change_2smax_std"]  # fmt: skip
     kit.report(summary, columns, args.output_dir, "loop_span_and_options")
     for r in summary:
         r["all"] = "variants"

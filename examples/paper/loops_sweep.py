@@ -2,9 +2,11 @@
 
     python examples/paper/loops_sweep.py [--smoke] [--work-dir runs/paper] [--seeds 0 1]
 
-Trains (or reuses, from compare_models.py) the LoopMDM of each seed, then scores test exact
-match and validation answer NELBO at every S; S > S_max is beyond what training saw. Writes
-OUT/loops_sweep.{md,json} and OUT/loops_sweep_{exact_match,val_nelbo}.png.
+Trains (or reuses, from compare_models.py) the LoopMDM of each seed, then scores, at every S,
+test exact match, validation answer NELBO and the loop state's relative change at loop S
+(||h_S - h_{S-1}|| / ||h_{S-1}||, h_0 the loop's input; validation prompts with the answer
+masked: does the state converge?); S > S_max is beyond what training saw. Writes
+OUT/loops_sweep.{md,json} and OUT/loops_sweep_{exact_match,val_nelbo,state_change}.png.
 """
 
 import kit
@@ -22,13 +24,16 @@ def main(argv=None) -> int:
         out = work / "eval" / f"sweep-seed{seed}-steps{scale.steps}"
         accuracy = kit.exact_match(run, paths, loops, out)
         nelbo = kit.validation_nelbo(run, paths, loops, scale, out)
+        change = kit.state_changes(run, paths, loops[-1], out)
         rows += [{"model": "loopmdm", "seed": seed, "num_loops": s, "exact_match": accuracy[s],
-                  "val_nelbo": nelbo[s]} for s in loops]  # fmt: skip
-    summary = kit.summarize(rows, ["model", "num_loops"], ["exact_match", "val_nelbo"])
+                  "val_nelbo": nelbo[s], "state_change": change[s]} for s in loops]  # fmt: skip
+    summary = kit.summarize(rows, ["model", "num_loops"],
+                            ["exact_match", "val_nelbo", "state_change"])  # fmt: skip
     columns = ["num_loops", "seeds", "exact_match", "exact_match_std", "exact_match_min",
-               "exact_match_max", "val_nelbo", "val_nelbo_std"]  # fmt: skip
+               "exact_match_max", "val_nelbo", "val_nelbo_std", "state_change",
+               "state_change_std"]  # fmt: skip
     kit.report(summary, columns, args.output_dir, "loops_sweep")
-    for metric in ("exact_match", "val_nelbo"):
+    for metric in ("exact_match", "val_nelbo", "state_change"):
         kit.plot(summary, "num_loops", metric, "model",
                  args.output_dir / f"loops_sweep_{metric}.png",
                  f"{metric} vs inference loops (trained S_max={scale.max_loops})")  # fmt: skip
