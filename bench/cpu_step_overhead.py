@@ -2,7 +2,7 @@
 
 The same model (4 layers, hidden 128, loop span 1..2, S = 2 every step) and the same tokens:
   plain:  `LoopMDMForMaskedDiffusion` (plain PyTorch), torch AdamW, 128 x 19 tokens;
-  run:    `training.loop.Run` (megatron DDP, optimizer, schedules, the diffusion step) on
+  run:    `training.run.Run` (megatron DDP, optimizer, schedules, the diffusion step) on
           128 x 19 tokens, and on the same tokens packed as 32 x 76 with per-document
           attention (four 19-token documents per sample).
 The models alternate step by step so that drifts of a shared machine cancel.
@@ -22,7 +22,7 @@ import megatron_loopmdm  # noqa: F401  (before megatron)
 from megatron_loopmdm.distributed.parallel import destroy_distributed
 from megatron_loopmdm.hf import LoopMDMConfig, LoopMDMForMaskedDiffusion
 from megatron_loopmdm.training.arguments import parse_args
-from megatron_loopmdm.training.loop import Run
+from megatron_loopmdm.training.run import Run
 
 import torch
 

@@ -387,7 +387,7 @@ def _check_parallel(args, world_size: int, errors: list) -> int:
         errors.append(str(error))
         return 1
     if args.deepspeed:
-        from megatron_loopmdm.training.deepspeed_backend import check_deepspeed_layout
+        from megatron_loopmdm.training.deepspeed_config import check_deepspeed_layout
 
         try:
             check_deepspeed_layout(parallel)

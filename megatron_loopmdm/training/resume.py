@@ -1,6 +1,7 @@
 """Resuming safely: the save lock, the checkpoint format check, the LR-schedule rule.
 
-Library functions called by `training.loop`; each raises a one-line error naming what to change.
+Library functions called by `training.loop` and `training.run`; each raises a one-line error
+naming what to change.
 """
 
 import os

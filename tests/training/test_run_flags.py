@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from megatron_loopmdm.training import arguments, loop
+from megatron_loopmdm.training import arguments, inputs
 
 import pytest
 
@@ -36,8 +36,8 @@ def _is_read(dest: str, code: str, by_name: str) -> bool:
 def test_every_flag_is_read_or_listed_as_accepted_for_compatibility():
     # The config builders of the argument module count; its validation does not.
     code = _readers() + inspect.getsource(arguments.parallel_config)
-    by_name = inspect.getsource(loop.model_size_from_args) + inspect.getsource(
-        loop._ar_architecture_changes
+    by_name = inspect.getsource(inputs.model_size_from_args) + inspect.getsource(
+        inputs._ar_architecture_changes
     )  # these read tuples of names by getattr
     dests = {a.dest for a in arguments.build_parser()._actions if a.dest != "help"}
     unread = sorted(d for d in dests if not _is_read(d, code, by_name))
