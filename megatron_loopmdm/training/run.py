@@ -2,7 +2,6 @@
 training loop (`training.loop.train`) asks of them: a step, a validation, a save, a load."""
 
 import dataclasses
-import os
 from functools import partial
 from typing import Optional
 
@@ -12,14 +11,13 @@ from megatron_loopmdm.diffusion.noise import validation_grid
 from megatron_loopmdm.distributed.parallel import initialize_distributed, set_seed
 from megatron_loopmdm.models.attention_masks import anneal_progress
 from megatron_loopmdm.models.builder import transformer_config
-from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
+from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.flops import flops_per_token
 from megatron_loopmdm.models.pipeline_layout import resolve_pipeline_layout
-from megatron_loopmdm.training.arguments import parallel_config, use_transformer_engine
 from megatron_loopmdm.training.backend import Backend, build_training
+from megatron_loopmdm.training.config import RunConfig
 from megatron_loopmdm.training.inputs import (
     datasets,
-    model_size_from_args,
     padded_vocab_size,
     vocab_and_tokenizer,
 )
@@ -62,25 +60,22 @@ _WEIGHT_SHAPING_FIELDS = {
 
 
 class Run:
-    """Everything one pre-training run holds: configs, model, backend, schedule and data."""
+    """Everything one pre-training run holds: configs, model, backend, schedule and data.
 
-    def __init__(self, args):
-        self.args = args
-        parallel = parallel_config(args, int(os.environ.get("WORLD_SIZE", "1")))
-        self.size = size = model_size_from_args(args)
-        self.loop_config = LoopConfig(
-            loop_layers=size.loop_layers,
-            max_loops=size.max_loops,
-            loop_sampling=args.loop_sampling,
-            input_injection=args.loop_input_injection,
-            loop_embedding=args.loop_embedding,
-            backprop_depth=args.loop_backprop_depth,
-            state_noise=args.loop_state_noise,
-        )
-        self.device = initialize_distributed(parallel, args.device)
-        set_seed(args.seed)
-        self.tokenizer, vocab, mask_token_id = vocab_and_tokenizer(args)
-        self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    Built from the run's typed configuration (`training.config.RunConfig`, made from the command
+    line by `training.arguments.run_config_from_args`); the steps below are what
+    `training.loop.train` calls.
+    """
+
+    def __init__(self, config: RunConfig):
+        self.run_config = config
+        self.size = size = config.model_size
+        self.loop_config = config.loop
+        self.device = initialize_distributed(config.parallel, config.backend.device)
+        set_seed(config.training.seed)
+        self.tokenizer, vocab, mask_token_id = vocab_and_tokenizer(config.data)
+        self.dtype = config.training.dtype
+        parallel = config.parallel
         layout = resolve_pipeline_layout(
             parallel.pipeline_model_parallel_layout,
             size.num_layers,
@@ -92,125 +87,128 @@ class Run:
         self.model_config = self._model_config(vocab, mask_token_id)
         self.diffusion = DiffusionConfig(
             mask_token_id=mask_token_id,
-            time_eps=args.time_eps,
-            time_sampling=args.time_sampling,
-            global_batch_size=args.global_batch_size,
-            random_length_prob=args.random_length_prob,
+            time_eps=config.diffusion.time_eps,
+            time_sampling=config.diffusion.time_sampling,
+            global_batch_size=config.training.global_batch_size,
+            random_length_prob=config.diffusion.random_length_prob,
         )
+        training = config.training
         self.dp_size = self.parallel.data_parallel_size()
-        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
+        self.num_microbatches = training.global_batch_size // (
+            training.micro_batch_size * self.dp_size
+        )
         self.backend = self._backend()
         self.scheduler = self._scheduler()
-        self.train_data, self.valid_data = datasets(args, self.tokenizer, size.seq_length, vocab)
+        self.train_data, self.valid_data = datasets(config, self.tokenizer, size.seq_length, vocab)
 
     def _transformer_config(self):
-        args = self.args
+        model = self.run_config.model
         recompute = {}
-        if args.recompute_granularity == "full":
+        if model.recompute_granularity == "full":
             recompute = dict(
                 recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
             )
-        elif args.recompute_granularity == "selective":
+        elif model.recompute_granularity == "selective":
             recompute = dict(recompute_granularity="selective")
         return transformer_config(
             self.size,
             self.parallel,
             params_dtype=self.dtype,
             calculate_per_token_loss=True,
-            hidden_dropout=args.hidden_dropout,
-            attention_dropout=args.attention_dropout,
+            hidden_dropout=model.hidden_dropout,
+            attention_dropout=model.attention_dropout,
             **recompute,
         )
 
     def _model_config(self, vocab: int, mask_token_id: int) -> LoopMDMModelConfig:
-        args = self.args
+        model = self.run_config.model
         return LoopMDMModelConfig(
-            vocab_size=args.padded_vocab_size
+            vocab_size=model.padded_vocab_size
             or padded_vocab_size(
-                vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+                vocab, model.make_vocab_size_divisible_by, self.parallel.tensor_model_parallel_size
             ),
-            max_sequence_length=args.max_position_embeddings or self.size.seq_length,
+            max_sequence_length=model.max_position_embeddings or self.size.seq_length,
             mask_token_id=mask_token_id,
-            position_embedding_type=args.position_embedding_type,
-            rotary_base=args.rotary_base,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            rope_scaling=args.rope_scaling,
-            shift_logits=args.shift_logits,
+            position_embedding_type=model.position_embedding_type,
+            rotary_base=model.rotary_base,
+            share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+            rope_scaling=model.rope_scaling,
+            shift_logits=model.shift_logits,
         )
 
     def _optimizer_config(self):
-        args = self.args
+        optimization = self.run_config.optimization
         return default_optimizer_config(
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
+            lr=optimization.lr,
+            min_lr=optimization.min_lr,
+            weight_decay=optimization.weight_decay,
+            adam_beta1=optimization.adam_beta1,
+            adam_beta2=optimization.adam_beta2,
+            adam_eps=optimization.adam_eps,
+            clip_grad=optimization.clip_grad,
             params_dtype=self.dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer,
+            use_distributed_optimizer=self.run_config.backend.use_distributed_optimizer,
         )
 
     def _deepspeed_config(self) -> Optional[dict]:
         """The prepared DeepSpeed config with --deepspeed, else None (the megatron backend)."""
-        args = self.args
-        if not args.deepspeed:
+        backend, training = self.run_config.backend, self.run_config.training
+        if not backend.deepspeed:
             return None
         from megatron_loopmdm.training import deepspeed_config as ds
 
         return ds.prepare_deepspeed_config(
-            ds.load_deepspeed_config(args.deepspeed_config),
+            ds.load_deepspeed_config(backend.deepspeed_config),
             self.parallel,
-            micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.global_batch_size,
+            micro_batch_size=training.micro_batch_size,
+            global_batch_size=training.global_batch_size,
             data_parallel_size=self.dp_size,
             params_dtype=self.dtype,
-            clip_grad=args.clip_grad,
+            clip_grad=self.run_config.optimization.clip_grad,
         )
 
     def _backend(self) -> Backend:
-        args = self.args
+        config = self.run_config
         return build_training(
             self.config,
             self.loop_config,
             self.model_config,
             self.parallel,
             self._optimizer_config(),
-            init_seed=args.seed,
+            init_seed=config.training.seed,
             device=self.device,
-            use_te=use_transformer_engine(args.transformer_impl),
+            use_te=config.model.use_te,
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
-                overlap_grad_reduce=args.overlap_grad_reduce,
-                use_distributed_optimizer=args.use_distributed_optimizer,
+                overlap_grad_reduce=config.backend.overlap_grad_reduce,
+                use_distributed_optimizer=config.backend.use_distributed_optimizer,
             ),
             deepspeed_config=self._deepspeed_config(),
             diffusion=self.diffusion,
-            seed=args.seed,
+            seed=config.training.seed,
             num_microbatches=self.num_microbatches,
             seq_length=self.size.seq_length,
-            micro_batch_size=args.micro_batch_size,
+            micro_batch_size=config.training.micro_batch_size,
         )
 
     def _scheduler(self) -> OptimizerParamScheduler:
-        args = self.args
-        decay_iters = args.lr_decay_iters or args.train_iters
-        override = getattr(args, "override_opt_param_scheduler", False)
+        optimization = self.run_config.optimization
+        decay_iters = optimization.lr_decay_iters or self.run_config.training.train_iters
+        override = optimization.override_opt_param_scheduler
         return OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,
-            max_lr=args.lr,
-            min_lr=args.min_lr,
-            lr_warmup_steps=args.lr_warmup_iters,
+            max_lr=optimization.lr,
+            min_lr=optimization.min_lr,
+            lr_warmup_steps=optimization.lr_warmup_iters,
             lr_decay_steps=decay_iters,
-            lr_decay_style=args.lr_decay_style,
-            start_wd=args.weight_decay,
-            end_wd=args.weight_decay,
+            lr_decay_style=optimization.lr_decay_style,
+            start_wd=optimization.weight_decay,
+            end_wd=optimization.weight_decay,
             wd_incr_steps=decay_iters,
             wd_incr_style="constant",
-            wsd_decay_steps=args.lr_wsd_decay_iters,
-            lr_wsd_decay_style=args.lr_wsd_decay_style,
+            wsd_decay_steps=optimization.lr_wsd_decay_iters,
+            lr_wsd_decay_style=optimization.lr_wsd_decay_style,
             # Differences are refused (or chosen by flag) in check_schedule before loading.
             override_opt_param_scheduler=override,
             use_checkpoint_opt_param_scheduler=not override,
@@ -228,9 +226,11 @@ class Run:
         """One training step on this rank's micro-batches of the global batch."""
         forward_step = make_forward_step(
             self.diffusion,
-            self.args.seed,
+            self.run_config.training.seed,
             num_loops,
-            anneal_progress=anneal_progress(iteration, self.args.attention_mask_anneal_iters),
+            anneal_progress=anneal_progress(
+                iteration, self.run_config.training.attention_mask_anneal_iters
+            ),
         )
         return self.backend.train_step(forward_step, micro)
 
@@ -250,7 +250,7 @@ class Run:
             build_data_loader(
                 dataset,
                 consumed_samples,
-                self.args.micro_batch_size,
+                self.run_config.training.micro_batch_size,
                 parallel_state.get_data_parallel_rank(),
                 self.dp_size,
             )
@@ -269,32 +269,42 @@ class Run:
         )
 
     def extra_state(self, iteration: int, skipped: int) -> dict:
+        """The checkpoint's state besides the weights: position, schedule and configuration."""
         return {
-            "args": vars(self.args),
-            "consumed_samples": iteration * self.args.global_batch_size,
+            "consumed_samples": iteration * self.run_config.training.global_batch_size,
             "scheduler": self.scheduler.state_dict(),
             "skipped_iterations": skipped,
             "loop_config": dataclasses.asdict(self.loop_config),
             "model_config": dataclasses.asdict(self.model_config),
             "model_size": dataclasses.asdict(self.size),
-            "run_config": run_config_json(
-                {
-                    "model_size": self.size,
-                    "model_config": self.model_config,
-                    "loop_config": self.loop_config,
-                    "parallel": self.parallel,
-                    "diffusion": self.diffusion,
-                },
-                str(self.dtype).removeprefix("torch."),
-                # as given, even with --mock-data (the export copies the tokenizer from it)
-                self.args.tokenizer_type,
-                self.args.tokenizer_model,
-            ),
+            "run_config": self.run_config_json(),
         }
+
+    def run_config_json(self) -> str:
+        """The stored run configuration: the resolved model, layout and objective, and the
+        other sections as configured (`checkpointing.run_config`)."""
+        config = self.run_config
+        return run_config_json(
+            {
+                "model_size": self.size,
+                "model_config": self.model_config,
+                "loop_config": self.loop_config,
+                "parallel": self.parallel,
+                "diffusion": self.diffusion,
+                "model_options": config.model,
+                "optimization": config.optimization,
+                "backend": config.backend,
+                # the tokenizer as given, even with --mock-data (the export copies it from here)
+                "data": config.data,
+                "checkpoint": config.checkpoint,
+                "logging": config.logging,
+                "training": config.training,
+            }
+        )
 
     def save(self, iteration: int, skipped: int) -> None:
         directory = self.backend.save(
-            self.args.save, iteration, self.extra_state(iteration, skipped)
+            self.run_config.checkpoint.save, iteration, self.extra_state(iteration, skipped)
         )
         print_rank_last(f" saved checkpoint at iteration {iteration} to {directory}")
 
@@ -314,7 +324,8 @@ class Run:
         ]
         if differences:
             raise ValueError(
-                f"--load {self.args.load} holds a different model ({'; '.join(differences)}). "
+                f"--load {self.run_config.checkpoint.load} holds a different model "
+                f"({'; '.join(differences)}). "
                 "Pass the flags it was trained with (or its --model-size), and the tokenizer "
                 "it was trained with."
             )
@@ -325,39 +336,46 @@ class Run:
         self.check_checkpoint_compatible(saved)
         if weights_only or "scheduler" not in saved:
             return lambda: None
-        check_schedule(self.args, saved["scheduler"], self.scheduler.state_dict())
+        optimization = self.run_config.optimization
+        check_schedule(
+            optimization,
+            self.run_config.checkpoint.load,
+            saved["scheduler"],
+            self.scheduler.state_dict(),
+        )
         restore = match_param_group_lrs(self.optimizer, saved["scheduler"])
-        return restore if self.args.override_opt_param_scheduler else (lambda: None)
+        return restore if optimization.override_opt_param_scheduler else (lambda: None)
 
     def load(self) -> tuple[int, int]:
         """Loads `--load`; returns (iteration, skipped iterations) to continue from."""
-        args, backend = self.args, self.backend
-        check_checkpoint_format(args.load, deepspeed=backend.uses_deepspeed_format)
-        chosen = backend.find_checkpoint(args.load, getattr(args, "iteration", None))
+        checkpoint, backend = self.run_config.checkpoint, self.backend
+        load = checkpoint.load
+        check_checkpoint_format(load, deepspeed=backend.uses_deepspeed_format)
+        chosen = backend.find_checkpoint(load, checkpoint.iteration)
         if chosen is None:
-            if args.load == args.save:
+            if load == checkpoint.save:
                 return 0, 0  # a fresh run that will save where it would resume from
-            raise FileNotFoundError(backend.no_checkpoint_message(args.load))
-        weights_only = args.finetune or args.no_load_optim
+            raise FileNotFoundError(backend.no_checkpoint_message(load))
+        weights_only = checkpoint.finetune or checkpoint.no_load_optim
         iteration, extra = backend.load(
-            args.load,
+            load,
             chosen,
             weights_only,
             partial(self._prepare_resume, weights_only=weights_only),
         )
-        if args.finetune:
+        if checkpoint.finetune:
             print_rank_last(
-                f" loaded weights from {args.load} (iteration {iteration}) for "
+                f" loaded weights from {load} (iteration {iteration}) for "
                 "fine-tuning; starting at iteration 0"
             )
             return 0, 0
         if not weights_only and "scheduler" in extra:
             self.scheduler.load_state_dict(extra["scheduler"])
-            if args.override_opt_param_scheduler:
+            if self.run_config.optimization.override_opt_param_scheduler:
                 backend.after_schedule_override(
                     self.scheduler.get_lr(self.optimizer.param_groups[0])
                 )
-        print_rank_last(f" resumed from {args.load} at iteration {iteration}")
+        print_rank_last(f" resumed from {load} at iteration {iteration}")
         return iteration, extra.get("skipped_iterations", 0)
 
     def evaluate(self, loader_iter, num_loops: int) -> Optional[float]:
@@ -365,11 +383,13 @@ class Run:
 
         The same definition as `evaluation.nelbo.nelbo_per_loops` (`tools/evaluate.py nelbo`).
         """
-        batches = [self.micro_batches(loader_iter) for _ in range(self.args.eval_iters)]
+        batches = [
+            self.micro_batches(loader_iter) for _ in range(self.run_config.logging.eval_iters)
+        ]
         totals = torch.zeros(2)
         for t, stream in validation_grid():
             forward_step = make_forward_step(
-                self.diffusion, self.args.seed, num_loops, fixed_t=t, stream=stream
+                self.diffusion, self.run_config.training.seed, num_loops, fixed_t=t, stream=stream
             )
             for micro in batches:
                 reports = self.backend.eval_step(forward_step, micro)

@@ -1,43 +1,49 @@
 """The run configuration a checkpoint stores: versioned JSON, readable without this package.
 
-Each checkpoint's extra state holds `run_config`, a JSON string of the run's typed configs
-(model size, model, loop, parallel layout, diffusion objective) and the training choices that
-tools read back (parameter dtype, tokenizer). `read_run_config` also reads checkpoints written
-before it existed, whose extra state held only the saved flags (`args`, a dict of the parsed
-command line) or the converters' subset of them.
+Each checkpoint's extra state holds `run_config`, a JSON string of the run's typed
+configuration: the resolved model size, model, loop, parallel layout and diffusion objective,
+and every other section of the run's `RunConfig` (optimization, backend, data, checkpoint,
+logging, training). Tools read the parameter dtype and the tokenizer back from it.
+`read_run_config` reads every version, and checkpoints written before it existed, whose extra
+state held only the saved flags (`args`, a dict of the parsed command line) or the converters'
+subset of them.
 """
 
 import dataclasses
 import json
-from typing import Optional
 
-RUN_CONFIG_VERSION = 1
-"""Raised when the stored layout changes; readers refuse versions newer than theirs."""
+RUN_CONFIG_VERSION = 2
+"""Raised when the stored layout changes; readers refuse versions newer than theirs.
+
+1: the model size, model, loop, parallel and diffusion configs; `training` held only
+   `params_dtype` and `data` only `tokenizer_type` and `tokenizer_model`, beside the saved
+   flags (`args`) in the extra state.
+2: every section of the run's `training.config.RunConfig` (the model options, optimization,
+   backend, data, checkpoint, logging and training sections in full); no saved flags. Version
+   1's keys keep their meaning, so its readers read version 2.
+"""
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def run_config_json(
-    configs: dict, params_dtype: str, tokenizer_type: Optional[str], tokenizer_model: Optional[str]
-) -> str:
+def run_config_json(configs: dict) -> str:
     """The JSON stored as `run_config`.
 
     Args:
-        configs: name -> config dataclass (e.g. "model_size": ModelSize, "parallel": ...).
-        params_dtype: one of `DTYPE_NAMES`.
-        tokenizer_type, tokenizer_model: the run's tokenizer flags as given (the model is None
-            when no --tokenizer-model was passed, e.g. with mock data).
+        configs: name -> config dataclass (e.g. "model_size": ModelSize, "parallel": ...); must
+            hold "training" (with `params_dtype`, one of `DTYPE_NAMES`) and "data" (with
+            `tokenizer_type` and `tokenizer_model`, None when no --tokenizer-model was passed).
     """
-    assert params_dtype in DTYPE_NAMES, params_dtype
     tree = {name: dataclasses.asdict(config) for name, config in configs.items()}
+    assert tree["training"]["params_dtype"] in DTYPE_NAMES, tree["training"]
+    assert {"tokenizer_type", "tokenizer_model"} <= tree["data"].keys(), tree["data"]
     tree["version"] = RUN_CONFIG_VERSION
-    tree["training"] = {"params_dtype": params_dtype}
-    tree["data"] = {"tokenizer_type": tokenizer_type, "tokenizer_model": tokenizer_model}
     return json.dumps(tree, sort_keys=True)
 
 
 def read_run_config(extra: dict) -> dict:
-    """A checkpoint's run configuration as a plain dict (at least `training` and `data`).
+    """A checkpoint's run configuration as a plain dict (at least `training.params_dtype`,
+    `data.tokenizer_type` and `data.tokenizer_model`), of any version up to this reader's.
 
     Raises:
         ValueError: a `run_config` of a newer version than this reader.

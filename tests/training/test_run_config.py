@@ -8,6 +8,7 @@ from megatron_loopmdm.hf.checkpoint import _tokenizer_source, checkpoint_dtype
 from megatron_loopmdm.models.builder import loop_config_for
 from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.sizes import get_model_size
+from megatron_loopmdm.training.config import DataSourceConfig, TrainingConfig
 from megatron_loopmdm.training.run_config import (
     RUN_CONFIG_VERSION,
     read_run_config,
@@ -32,7 +33,10 @@ def _configs():
 
 
 def test_the_json_holds_every_config_and_reads_back(tmp_path):
-    text = run_config_json(_configs(), "bfloat16", "HuggingFaceTokenizer", str(tmp_path))
+    training = TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=1,
+                              params_dtype="bfloat16")  # fmt: skip
+    data = DataSourceConfig(data_path=["corpus"], tokenizer_model=str(tmp_path))
+    text = run_config_json({**_configs(), "training": training, "data": data})
     tree = json.loads(text)  # plain JSON: no class of this package needed
     assert tree["version"] == RUN_CONFIG_VERSION
     assert tree["model_size"]["loop_layers"] == [1, 2]
