@@ -10,7 +10,7 @@ import os
 from functools import partial
 from typing import Callable, Optional
 
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
 from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig

@@ -43,8 +43,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_loopmdm.checkpointing.dist_checkpoint import DEEPSPEED_LATEST_FILE
 from megatron_loopmdm.distributed.parallel import ParallelConfig
-from megatron_loopmdm.training.checkpointing import DEEPSPEED_LATEST_FILE
 from megatron_loopmdm.training.deepspeed_config import zero_stage
 from megatron_loopmdm.training.step import StepResult, sum_reports
 
@@ -217,7 +217,7 @@ def _read_checkpoints_safely(engine) -> None:
     (DeepSpeed's own reader uses `weights_only=False`, which runs code from a crafted file)."""
     import importlib
 
-    from megatron_loopmdm.training.safe_load import safe_torch_load
+    from megatron_loopmdm.checkpointing.safe_load import safe_torch_load
 
     allowed = [getattr(importlib.import_module(m), n) for m, n in DEEPSPEED_ALLOWED_GLOBALS]
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(

@@ -6,7 +6,7 @@
 
 import signal
 
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
 from megatron_loopmdm.distributed.parallel import any_rank, destroy_distributed
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.training.config import RunConfig

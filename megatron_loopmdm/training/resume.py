@@ -7,7 +7,7 @@ naming what to change.
 import os
 import signal
 
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
 from megatron_loopmdm.training.logging import print_rank_last
 
 import torch

@@ -5,6 +5,7 @@ import dataclasses
 from functools import partial
 from typing import Optional
 
+from megatron_loopmdm.checkpointing.run_config import run_config_json
 from megatron_loopmdm.data.sampler import build_data_loader
 from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.diffusion.noise import validation_grid
@@ -27,7 +28,6 @@ from megatron_loopmdm.training.resume import (
     check_schedule,
     match_param_group_lrs,
 )
-from megatron_loopmdm.training.run_config import run_config_json
 from megatron_loopmdm.training.setup import default_optimizer_config
 from megatron_loopmdm.training.step import make_forward_step
 

@@ -2,6 +2,11 @@
 
 import json
 
+from megatron_loopmdm.checkpointing.run_config import (
+    RUN_CONFIG_VERSION,
+    read_run_config,
+    run_config_json,
+)
 from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.hf.checkpoint import _tokenizer_source, checkpoint_dtype
@@ -9,11 +14,6 @@ from megatron_loopmdm.models.builder import loop_config_for
 from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.sizes import get_model_size
 from megatron_loopmdm.training.config import DataSourceConfig, TrainingConfig
-from megatron_loopmdm.training.run_config import (
-    RUN_CONFIG_VERSION,
-    read_run_config,
-    run_config_json,
-)
 
 import pytest
 import torch
@@ -79,6 +79,6 @@ def test_a_saved_checkpoint_holds_the_run_config_as_a_plain_json_file(tmp_path):
     assert tree["model_size"]["num_layers"] == 4 and tree["parallel"]["world_size"] == 1
     assert tree["data"]["tokenizer_model"] is None  # mock data
     # The same JSON is in the checkpoint's own state, where converters read it.
-    from megatron_loopmdm.training.checkpointing import read_extra_state
+    from megatron_loopmdm.checkpointing.dist_checkpoint import read_extra_state
 
     assert json.loads(read_extra_state(tmp_path / "ckpt", 1)["run_config"]) == tree
