@@ -408,16 +408,7 @@ def validate_args(args, world_size: int) -> list[str]:
         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
         errors,
     )
-    for build in (
-        _model_options,
-        _diffusion_options,
-        _optimization_config,
-        _backend_config,
-        _data_config,
-        _checkpoint_config,
-        _logging_config,
-        _training_config,
-    ):
+    for build in _SECTIONS.values():
         _check_builds(build, args, errors)
     _check_across_sections(args, errors)
     _check_transformer_impl(args, errors)
@@ -438,48 +429,40 @@ def parse_args(argv: Optional[list] = None, world_size: Optional[int] = None):
     return args
 
 
-# From the parsed (and validated) namespace to the run's typed configuration. Each builder reads
-# its flags by name; `tests/training/test_run_flags.py` holds every flag to a config field.
+# From the parsed (and validated) namespace to the run's typed configuration. The builders read
+# flags by their config field's name; `tests/training/test_run_flags.py` holds every flag to a
+# change of the config.
 
 
-def _fields(args, cls, names=None, **renamed):
-    """`cls` from the flags named like its fields (or `names`), plus `renamed` values."""
-    names = names or [f.name for f in dataclasses.fields(cls) if f.name not in renamed]
-    return cls(**{name: getattr(args, name) for name in names}, **renamed)
+def _section(cls, **computed):
+    """A builder of the config section `cls` from the flags named like its fields; `computed`
+    maps the other fields to functions of the namespace."""
+
+    def build(args):
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in computed]
+        values = {name: compute(args) for name, compute in computed.items()}
+        return cls(**{name: getattr(args, name) for name in names}, **values)
+
+    return build
 
 
-def _model_options(args) -> ModelOptions:
-    untied = args.untie_embeddings_and_output_weights
-    return _fields(args, ModelOptions, share_embeddings_and_output_weights=not untied)
-
-
-def _diffusion_options(args) -> DiffusionOptions:
-    return _fields(args, DiffusionOptions)
-
-
-def _optimization_config(args) -> OptimizationConfig:
-    return _fields(args, OptimizationConfig)
-
-
-def _backend_config(args) -> BackendConfig:
-    return _fields(args, BackendConfig)
-
-
-def _data_config(args) -> DataSourceConfig:
-    return _fields(args, DataSourceConfig)
-
-
-def _checkpoint_config(args) -> CheckpointConfig:
-    return _fields(args, CheckpointConfig)
-
-
-def _logging_config(args) -> LoggingConfig:
-    return _fields(args, LoggingConfig)
-
-
-def _training_config(args) -> TrainingConfig:
-    dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
-    return _fields(args, TrainingConfig, params_dtype=dtype)
+# RunConfig's sections besides the model size, loop block and layout.
+_SECTIONS = {
+    "model": _section(
+        ModelOptions,
+        share_embeddings_and_output_weights=lambda a: not a.untie_embeddings_and_output_weights,
+    ),
+    "diffusion": _section(DiffusionOptions),
+    "optimization": _section(OptimizationConfig),
+    "backend": _section(BackendConfig),
+    "data": _section(DataSourceConfig),
+    "checkpoint": _section(CheckpointConfig),
+    "logging": _section(LoggingConfig),
+    "training": _section(
+        TrainingConfig,
+        params_dtype=lambda a: "bfloat16" if a.bf16 else "float16" if a.fp16 else "float32",
+    ),
+}
 
 
 def model_size_from_args(args) -> ModelSize:
@@ -547,12 +530,5 @@ def run_config_from_args(args, world_size: Optional[int] = None) -> RunConfig:
         model_size=size,
         loop=loop_config_from_args(args, size),
         parallel=parallel_config(args, world_size or int(os.environ.get("WORLD_SIZE", "1"))),
-        model=_model_options(args),
-        diffusion=_diffusion_options(args),
-        optimization=_optimization_config(args),
-        backend=_backend_config(args),
-        data=_data_config(args),
-        checkpoint=_checkpoint_config(args),
-        logging=_logging_config(args),
-        training=_training_config(args),
+        **{name: build(args) for name, build in _SECTIONS.items()},
     )
