@@ -12,7 +12,7 @@ Launch with torchrun, as Megatron-LM:
 
 import sys
 
-from megatron_loopmdm.training.arguments import parse_args
+from megatron_loopmdm.training.arguments import parse_args, run_config_from_args
 
 
 def main(argv=None) -> int:
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     from megatron_loopmdm.training.loop import TrainingError, pretrain
 
     try:
-        pretrain(args)
+        pretrain(run_config_from_args(args))
     except (ValueError, FileNotFoundError, TrainingError, IndexedDatasetError) as error:
         print(f"pretrain_loopmdm.py: error: {error}", file=sys.stderr, flush=True)
         return 1

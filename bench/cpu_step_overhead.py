@@ -2,7 +2,7 @@
 
 The same model (4 layers, hidden 128, loop span 1..2, S = 2 every step) and the same tokens:
   plain:  `LoopMDMForMaskedDiffusion` (plain PyTorch), torch AdamW, 128 x 19 tokens;
-  run:    `training.loop.Run` (megatron DDP, optimizer, schedules, the diffusion step) on
+  run:    `training.run.Run` (megatron DDP, optimizer, schedules, the diffusion step) on
           128 x 19 tokens, and on the same tokens packed as 32 x 76 with per-document
           attention (four 19-token documents per sample).
 The models alternate step by step so that drifts of a shared machine cancel.
@@ -21,8 +21,8 @@ import time
 import megatron_loopmdm  # noqa: F401  (before megatron)
 from megatron_loopmdm.distributed.parallel import destroy_distributed
 from megatron_loopmdm.hf import LoopMDMConfig, LoopMDMForMaskedDiffusion
-from megatron_loopmdm.training.arguments import parse_args
-from megatron_loopmdm.training.loop import Run
+from megatron_loopmdm.training.arguments import parse_args, run_config_from_args
+from megatron_loopmdm.training.run import Run
 
 import torch
 
@@ -30,14 +30,14 @@ LAYERS, HIDDEN, HEADS, VOCAB, DOC, NUM_DOCS = 4, 128, 4, 1024, 19, 128
 NUM_LOOPS = 2
 
 
-def run_args(seq_length, batch):
-    return parse_args([str(a) for a in (
+def run_config(seq_length, batch):
+    return run_config_from_args(parse_args([str(a) for a in (
         "--num-layers", LAYERS, "--hidden-size", HIDDEN, "--num-attention-heads", HEADS,
         "--num-query-groups", HEADS, "--seq-length", seq_length, "--loop-layers", 1, 2,
         "--max-loops", NUM_LOOPS, "--mock-data", "--vocab-size", VOCAB, "--micro-batch-size",
         batch, "--global-batch-size", batch, "--train-iters", 1000, "--lr", 1e-4,
         "--lr-decay-style", "constant", "--device", "cpu",
-    )], world_size=1)  # fmt: skip
+    )], world_size=1), world_size=1)  # fmt: skip
 
 
 def batches(packed: bool, generator):
@@ -97,7 +97,7 @@ def main():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1")
     generator = torch.Generator().manual_seed(0)
     plain_batch, packed_batch = batches(False, generator), batches(True, generator)
-    run = Run(run_args(DOC, NUM_DOCS))
+    run = Run(run_config(DOC, NUM_DOCS))
     # A second Run would re-initialise the process groups; the packed steps reuse this model
     # with 76-token samples (RoPE and the step take the sequence length from the batch).
     run.size = run.size.__class__(**{**run.size.__dict__, "seq_length": 4 * DOC})

@@ -1,6 +1,6 @@
 """Validation NELBO per loop count, on the trainer's fixed t-quadrature.
 
-The trainer's validation (`training.loop.Run.evaluate`) and `nelbo_per_loops` share one
+The trainer's validation (`training.run.Run.evaluate`) and `nelbo_per_loops` share one
 definition from `diffusion.noise`: every sample is noised at each point t_k of
 `validation_grid()` with that point's own mask stream (keyed by the run's seed and the sample's
 index), and the NELBO is the sum over masked positions of CE / p, over all grid points, divided

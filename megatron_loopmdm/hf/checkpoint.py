@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from megatron_loopmdm.checkpointing import dist_checkpoint as ckpt
+from megatron_loopmdm.checkpointing.run_config import read_run_config
 from megatron_loopmdm.distributed.parallel import ParallelConfig, single_process_group
 from megatron_loopmdm.hf import mapping
 from megatron_loopmdm.hf.configuration_loopmdm import LoopMDMConfig
@@ -21,8 +23,6 @@ from megatron_loopmdm.models.builder import build_model, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.loopmdm_model import LoopMDMModel
 from megatron_loopmdm.models.sizes import ModelSize
-from megatron_loopmdm.training import checkpointing as ckpt
-from megatron_loopmdm.training.run_config import read_run_config
 
 import torch
 from megatron.core import dist_checkpointing

@@ -1,19 +1,34 @@
 """The command line of `pretrain_loopmdm.py`, shaped like Megatron-LM's.
 
 Flags keep Megatron-LM's names and meanings; LoopMDM adds the loop and diffusion flags.
-`parse_args` turns the command line into validated arguments once; every incompatible
-combination is rejected here, before any process group starts, with a message that says what to
-change.
+`parse_args` parses and validates the command line once; every incompatible combination is
+rejected here, before any process group starts, with a message that says what to change.
+`run_config_from_args` turns the namespace into the typed `training.config.RunConfig` that the
+library takes: no other module of the package reads the namespace.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from typing import Optional
 
-from megatron_loopmdm.models.config import INPUT_INJECTIONS, LOOP_SAMPLINGS
-from megatron_loopmdm.models.sizes import MODEL_SIZES, get_model_size
+from megatron_loopmdm.distributed.parallel import ParallelConfig, virtual_pipeline_size
+from megatron_loopmdm.models.builder import replace_size
+from megatron_loopmdm.models.config import INPUT_INJECTIONS, LOOP_SAMPLINGS, LoopConfig
+from megatron_loopmdm.models.sizes import MODEL_SIZES, ModelSize, get_model_size
+from megatron_loopmdm.training.config import (
+    BackendConfig,
+    CheckpointConfig,
+    DataSourceConfig,
+    DiffusionOptions,
+    LoggingConfig,
+    ModelOptions,
+    OptimizationConfig,
+    RunConfig,
+    TrainingConfig,
+)
 
 
 def _model_args(parser):
@@ -193,30 +208,6 @@ def _resilience_args(parser):
     )
 
 
-def validate_resilience_args(args) -> list[str]:
-    """Problems with the checkpoint-resilience and mask-id flags (empty if fine)."""
-    errors = []
-    _check(args.iteration is None or args.load, "--iteration needs --load DIR.", errors)
-    _check(args.keep_last is None or args.save, "--keep-last needs --save DIR.", errors)
-    _check(args.keep_last is None or args.keep_last >= 1, "--keep-last must be >= 1.", errors)
-    _check(
-        not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
-        "Choose one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler.",
-        errors,
-    )
-    # An imported AR model may add [MASK] as a new embedding row past the data's ids
-    # (--padded-vocab-size); otherwise it must be one of the vocabulary's ids.
-    rows = args.padded_vocab_size or args.vocab_size
-    _check(
-        not args.mock_data or args.mask_token_id is None or 0 <= args.mask_token_id < rows,
-        f"--mask-token-id {args.mask_token_id} is outside the vocabulary (--vocab-size "
-        f"{args.vocab_size}, --padded-vocab-size {args.padded_vocab_size}); use an id below "
-        f"{rows}.",
-        errors,
-    )
-    return errors
-
-
 def _logging_args(parser):
     group = parser.add_argument_group("logging")
     group.add_argument("--log-interval", type=int, default=10)
@@ -285,26 +276,6 @@ def _ar_adaptation_args(parser):
     )  # fmt: skip
 
 
-def _check_ar_adaptation_args(args, errors: list) -> None:
-    tp = args.tensor_model_parallel_size
-    _check(
-        args.attention_mask_anneal_iters >= 0,
-        "--attention-mask-anneal-iters must be >= 0.",
-        errors,
-    )
-    _check(
-        args.padded_vocab_size is None or args.padded_vocab_size % tp == 0,
-        f"--padded-vocab-size {args.padded_vocab_size} must be a multiple of "
-        f"--tensor-model-parallel-size {tp}.",
-        errors,
-    )
-    _check(
-        args.rope_scaling is None or isinstance(args.rope_scaling, dict),
-        '--rope-scaling takes a JSON object, e.g. \'{"rope_type": "linear", "factor": 4}\'.',
-        errors,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain_loopmdm.py",
@@ -323,11 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add(parser)
     return parser
-
-
-def use_transformer_engine(transformer_impl: Optional[str]) -> Optional[bool]:
-    """`--transformer-impl` as `build_model`'s `use_te` (None: TE when installed on GPU)."""
-    return {None: None, "local": False, "transformer_engine": True}[transformer_impl]
 
 
 def _check_transformer_impl(args, errors: list) -> None:
@@ -355,14 +321,188 @@ def _check(condition: bool, message: str, errors: list) -> None:
         errors.append(message)
 
 
-def parallel_config(args, world_size: int):
+def _check_builds(build, args, errors: list) -> None:
+    """Adds the ValueError a config section raises on construction to `errors`."""
+    try:
+        build(args)
+    except ValueError as error:
+        errors.append(str(error))
+
+
+def _check_parallel(args, world_size: int, errors: list) -> int:
+    """Adds the layout's problems to `errors`; returns the data-parallel size (1 if invalid)."""
+    try:
+        parallel = parallel_config(args, world_size)
+    except ValueError as error:
+        errors.append(str(error))
+        return 1
+    if args.deepspeed:
+        from megatron_loopmdm.training.deepspeed_config import check_deepspeed_layout
+
+        try:
+            check_deepspeed_layout(parallel)
+        except ValueError as error:
+            errors.append(str(error))
+    return parallel.data_parallel_size()
+
+
+def _check_across_sections(args, errors: list) -> None:
+    """The rules that join flags of two config sections, or the file system."""
+    _check(not (args.bf16 and args.fp16), "Choose one of --bf16 and --fp16.", errors)
+    _check(
+        args.load is None or os.path.isdir(args.load) or args.load == args.save,
+        f"--load {args.load}: no such directory.",
+        errors,
+    )
+    _check(
+        args.lr_warmup_iters <= args.train_iters,
+        "--lr-warmup-iters must not exceed --train-iters.",
+        errors,
+    )
+    _check(
+        args.model_size is not None
+        or all(
+            getattr(args, name) is not None
+            for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+        ),
+        "Give --model-size NAME, or --num-layers, --hidden-size, --num-attention-heads and "
+        "--seq-length.",
+        errors,
+    )
+    _check(
+        not args.sft or args.random_length_prob == 0,
+        "--random-length-prob would cut SFT responses; drop it with --sft.",
+        errors,
+    )
+    tp = args.tensor_model_parallel_size
+    _check(
+        args.padded_vocab_size is None or args.padded_vocab_size % tp == 0,
+        f"--padded-vocab-size {args.padded_vocab_size} must be a multiple of "
+        f"--tensor-model-parallel-size {tp}.",
+        errors,
+    )
+    # An imported AR model may add [MASK] as a new embedding row past the data's ids
+    # (--padded-vocab-size); otherwise it must be one of the vocabulary's ids.
+    rows = args.padded_vocab_size or args.vocab_size
+    _check(
+        not args.mock_data or args.mask_token_id is None or 0 <= args.mask_token_id < rows,
+        f"--mask-token-id {args.mask_token_id} is outside the vocabulary (--vocab-size "
+        f"{args.vocab_size}, --padded-vocab-size {args.padded_vocab_size}); use an id below "
+        f"{rows}.",
+        errors,
+    )
+
+
+def validate_args(args, world_size: int) -> list[str]:
+    """Every incompatible combination, as messages that say what to change (empty if fine).
+
+    Fills in the default --global-batch-size (micro-batch size x data-parallel size).
+    """
+    errors = []
+    dp = _check_parallel(args, world_size, errors)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    _check(
+        args.global_batch_size % (args.micro_batch_size * dp) == 0,
+        f"--global-batch-size {args.global_batch_size} must be a multiple of "
+        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
+        errors,
+    )
+    for build in _SECTIONS.values():
+        _check_builds(build, args, errors)
+    _check_across_sections(args, errors)
+    _check_transformer_impl(args, errors)
+    return errors
+
+
+def parse_args(argv: Optional[list] = None, world_size: Optional[int] = None):
+    """Parses and validates; exits with status 2 and every problem listed on bad input."""
+    parser = build_parser()
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Every rank parses the same command line; only rank 0 prints the usage and problems.
+        parser.error = lambda message: sys.exit(2)
+    args = parser.parse_args(argv)
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    errors = validate_args(args, world_size)
+    if errors:
+        parser.error("\n  " + "\n  ".join(errors))
+    return args
+
+
+# From the parsed (and validated) namespace to the run's typed configuration. The builders read
+# flags by their config field's name; `tests/training/test_run_flags.py` holds every flag to a
+# change of the config.
+
+
+def _section(cls, **computed):
+    """A builder of the config section `cls` from the flags named like its fields; `computed`
+    maps the other fields to functions of the namespace."""
+
+    def build(args):
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in computed]
+        values = {name: compute(args) for name, compute in computed.items()}
+        return cls(**{name: getattr(args, name) for name in names}, **values)
+
+    return build
+
+
+# RunConfig's sections besides the model size, loop block and layout.
+_SECTIONS = {
+    "model": _section(
+        ModelOptions,
+        share_embeddings_and_output_weights=lambda a: not a.untie_embeddings_and_output_weights,
+    ),
+    "diffusion": _section(DiffusionOptions),
+    "optimization": _section(OptimizationConfig),
+    "backend": _section(BackendConfig),
+    "data": _section(DataSourceConfig),
+    "checkpoint": _section(CheckpointConfig),
+    "logging": _section(LoggingConfig),
+    "training": _section(
+        TrainingConfig,
+        params_dtype=lambda a: "bfloat16" if a.bf16 else "float16" if a.fp16 else "float32",
+    ),
+}
+
+
+def model_size_from_args(args) -> ModelSize:
+    """The named size (default `debug`) with the command line's overrides applied."""
+    base = get_model_size(args.model_size or "debug")
+    names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+             "num_query_groups", "seq_length", "normalization", "swiglu", "max_loops",
+             "kv_channels")  # fmt: skip
+    changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.loop_layers is not None:
+        changes["loop_layers"] = tuple(args.loop_layers)
+    if args.norm_epsilon is not None:
+        changes["layernorm_epsilon"] = args.norm_epsilon
+    for name in ("qk_layernorm", "add_qkv_bias"):
+        if getattr(args, name):
+            changes[name] = True
+    if "hidden_size" in changes and "ffn_hidden_size" not in changes:
+        changes["ffn_hidden_size"] = 4 * changes["hidden_size"]
+    return replace_size(base, **changes)
+
+
+def loop_config_from_args(args, size: ModelSize) -> LoopConfig:
+    """The loop block of `size` with the loop flags applied."""
+    return LoopConfig(
+        loop_layers=size.loop_layers,
+        max_loops=size.max_loops,
+        loop_sampling=args.loop_sampling,
+        input_injection=args.loop_input_injection,
+        loop_embedding=args.loop_embedding,
+        backprop_depth=args.loop_backprop_depth,
+        state_noise=args.loop_state_noise,
+    )
+
+
+def parallel_config(args, world_size: int) -> ParallelConfig:
     """The run's validated `ParallelConfig` (raises a ValueError saying what to change).
 
     The stage layout is as given: `--pipeline-model-parallel-layout auto` is resolved by the run,
     which knows the loop block.
     """
-    from megatron_loopmdm.distributed.parallel import ParallelConfig, virtual_pipeline_size
-
     pp = args.pipeline_model_parallel_size
     num_layers = args.num_layers or get_model_size(args.model_size or "debug").num_layers
     return ParallelConfig(
@@ -379,163 +519,16 @@ def parallel_config(args, world_size: int):
     )
 
 
-def _check_parallel(args, world_size: int, errors: list) -> int:
-    """Adds the layout's problems to `errors`; returns the data-parallel size (1 if invalid)."""
-    try:
-        parallel = parallel_config(args, world_size)
-    except ValueError as error:
-        errors.append(str(error))
-        return 1
-    if args.deepspeed:
-        from megatron_loopmdm.training.deepspeed_backend import check_deepspeed_layout
+def run_config_from_args(args, world_size: Optional[int] = None) -> RunConfig:
+    """The typed configuration of a run from `parse_args`'s namespace (the library's input).
 
-        try:
-            check_deepspeed_layout(parallel)
-        except ValueError as error:
-            errors.append(str(error))
-    return parallel.data_parallel_size()
-
-
-def _check_backend_args(args, errors: list) -> None:
-    """Precision and the megatron / DeepSpeed backend flags."""
-    _check(not (args.bf16 and args.fp16), "Choose one of --bf16 and --fp16.", errors)
-    _check(
-        not (args.overlap_grad_reduce and args.deepspeed),
-        "--overlap-grad-reduce is a megatron-DDP option; DeepSpeed overlaps by its config "
-        "(overlap_comm). Drop --overlap-grad-reduce with --deepspeed.",
-        errors,
+    Raises:
+        ValueError: a value a config section refuses (e.g. a loop span outside the model).
+    """
+    size = model_size_from_args(args)
+    return RunConfig(
+        model_size=size,
+        loop=loop_config_from_args(args, size),
+        parallel=parallel_config(args, world_size or int(os.environ.get("WORLD_SIZE", "1"))),
+        **{name: build(args) for name, build in _SECTIONS.items()},
     )
-    _check(
-        not (args.use_distributed_optimizer and args.deepspeed),
-        "--use-distributed-optimizer and --deepspeed are two ZeRO backends; choose one.",
-        errors,
-    )
-    _check(
-        not (args.deepspeed and not args.deepspeed_config),
-        "--deepspeed needs --deepspeed-config ds.json (see examples/deepspeed/).",
-        errors,
-    )
-    _check(
-        not (args.deepspeed_config and not args.deepspeed),
-        "--deepspeed-config is only read with --deepspeed.",
-        errors,
-    )
-
-
-def _check_data_args(args, errors: list) -> None:
-    """Where the training data comes from, and its tokenizer."""
-    _check(
-        args.mock_data or args.data_path or args.train_data_path,
-        "No training data: give --data-path (or --train-data-path), or --mock-data.",
-        errors,
-    )
-    _check(
-        not (args.mock_data and (args.data_path or args.train_data_path)),
-        "--mock-data replaces --data-path/--train-data-path; give one of them.",
-        errors,
-    )
-    _check(
-        not (args.data_path and args.train_data_path),
-        "Give --data-path with --split, or per-split --train/valid/test-data-path, not both.",
-        errors,
-    )
-    _check(
-        not (args.data_path or args.train_data_path) or args.tokenizer_model or args.vocab_file,
-        "Real data needs its tokenizer: --tokenizer-type and --tokenizer-model (or "
-        "--vocab-file/--merge-file).",
-        errors,
-    )
-
-
-def validate_args(args, world_size: int) -> list[str]:
-    """Every incompatible combination, as messages that say what to change (empty if fine)."""
-    errors = []
-    dp = _check_parallel(args, world_size, errors)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    _check(
-        args.global_batch_size % (args.micro_batch_size * dp) == 0,
-        f"--global-batch-size {args.global_batch_size} must be a multiple of "
-        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}.",
-        errors,
-    )
-    _check_backend_args(args, errors)
-    _check_data_args(args, errors)
-    _check(args.save_interval is None or args.save, "--save-interval needs --save DIR.", errors)
-    _check(not (args.finetune and not args.load), "--finetune needs --load DIR.", errors)
-    _check(
-        args.load is None or os.path.isdir(args.load) or args.load == args.save,
-        f"--load {args.load}: no such directory.",
-        errors,
-    )
-    _check(
-        args.lr_decay_style != "WSD" or args.lr_wsd_decay_iters,
-        "--lr-decay-style WSD needs --lr-wsd-decay-iters (the length of the final decay).",
-        errors,
-    )
-    _check(
-        args.lr_warmup_iters <= args.train_iters,
-        "--lr-warmup-iters must not exceed --train-iters.",
-        errors,
-    )
-    _check(args.min_lr <= args.lr, "--min-lr must not exceed --lr.", errors)
-    _check(
-        args.eval_interval is None or args.eval_interval > 0,
-        "--eval-interval must be positive.",
-        errors,
-    )
-    _check(
-        args.model_size is not None
-        or all(
-            getattr(args, name) is not None
-            for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
-        ),
-        "Give --model-size NAME, or --num-layers, --hidden-size, --num-attention-heads and "
-        "--seq-length.",
-        errors,
-    )
-    _check_sft(args, errors)
-    _check_transformer_impl(args, errors)
-    _check(0.0 <= args.random_length_prob <= 1.0, "--random-length-prob must be in [0, 1].", errors)
-    _check_ar_adaptation_args(args, errors)
-    return errors
-
-
-def _check_sft(args, errors: list) -> None:
-    if not args.sft:
-        _check(
-            args.sft_packing == "pad" and not args.sft_eos_in_loss,
-            "--sft-packing/--sft-eos-in-loss are read only with --sft.",
-            errors,
-        )
-        return
-    _check(not args.mock_data, "--sft trains on SFT data; drop --mock-data.", errors)
-    _check(
-        not args.per_document_attention,
-        "--sft attends per example by itself (--sft-packing pack); drop --per-document-attention.",
-        errors,
-    )
-    _check(
-        args.random_length_prob == 0,
-        "--random-length-prob would cut SFT responses; drop it with --sft.",
-        errors,
-    )
-    _check(
-        not args.test_data_path,
-        "--sft has no test split; drop --test-data-path.",
-        errors,
-    )
-
-
-def parse_args(argv: Optional[list] = None, world_size: Optional[int] = None):
-    """Parses and validates; exits with status 2 and every problem listed on bad input."""
-    parser = build_parser()
-    if int(os.environ.get("RANK", "0")) != 0:
-        # Every rank parses the same command line; only rank 0 prints the usage and problems.
-        parser.error = lambda message: sys.exit(2)
-    args = parser.parse_args(argv)
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    errors = validate_args(args, world_size) + validate_resilience_args(args)
-    if errors:
-        parser.error("\n  " + "\n  ".join(errors))
-    return args

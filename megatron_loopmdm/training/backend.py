@@ -10,7 +10,7 @@ import os
 from functools import partial
 from typing import Callable, Optional
 
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
 from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
@@ -253,7 +253,7 @@ def build_training(
     """Builds a run from its configs: this rank's model chunks inside their backend.
 
     The one assembly of config -> model -> DDP (or DeepSpeed engine) -> optimizer, used by
-    `pretrain_loopmdm.py` (`training.loop.Run`), the distributed tests and the benchmarks.
+    `pretrain_loopmdm.py` (`training.run.Run`), the distributed tests and the benchmarks.
     `backend_options` go to `build_backend` (DDP or DeepSpeed config, diffusion, seed, sizes).
     """
     chunks = build_model_chunks(

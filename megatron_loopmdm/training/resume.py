@@ -1,12 +1,13 @@
 """Resuming safely: the save lock, the checkpoint format check, the LR-schedule rule.
 
-Library functions called by `training.loop`; each raises a one-line error naming what to change.
+Library functions called by `training.loop` and `training.run`; each raises a one-line error
+naming what to change.
 """
 
 import os
 import signal
 
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
 from megatron_loopmdm.training.logging import print_rank_last
 
 import torch
@@ -24,8 +25,9 @@ def save_unless_diverging(run, iteration: int, skipped: int, consecutive: int) -
         )
         return
     run.save(iteration, skipped)
-    if getattr(run.args, "keep_last", None):
-        ckpt.prune_checkpoints(run.args.save, run.args.keep_last)
+    checkpoint = run.run_config.checkpoint
+    if checkpoint.keep_last:
+        ckpt.prune_checkpoints(checkpoint.save, checkpoint.keep_last)
 
 
 def check_mask_token_id(mask_token_id, vocab_size: int, what: str) -> None:
@@ -90,14 +92,20 @@ def schedule_differences(saved: dict, ours: dict) -> list[str]:
     ]
 
 
-def check_schedule(args, saved: dict, ours: dict) -> None:
-    """Megatron-LM's rule: a changed schedule on resume must be chosen explicitly."""
-    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+def check_schedule(optimization, load, saved: dict, ours: dict) -> None:
+    """Megatron-LM's rule: a changed schedule on resume must be chosen explicitly.
+
+    Args:
+        optimization: the run's `training.config.OptimizationConfig`.
+        load: the checkpoint directory, for the message.
+        saved, ours: the checkpoint's and this run's `OptimizerParamScheduler.state_dict()`.
+    """
+    if optimization.override_opt_param_scheduler or optimization.use_checkpoint_opt_param_scheduler:
         return
     differences = schedule_differences(saved, ours)
     if differences:
         raise ValueError(
-            f"--load {args.load}: the flags' learning-rate schedule differs from the "
+            f"--load {load}: the flags' learning-rate schedule differs from the "
             f"checkpoint's ({'; '.join(differences)}). Pass --override-opt-param-scheduler to "
             "take the flags, or --use-checkpoint-opt-param-scheduler to take the checkpoint's."
         )

@@ -2,9 +2,9 @@
 
 from typing import Optional
 
+from megatron_loopmdm.checkpointing.optimizer_fixes import apply_torch_adam_fixes
 from megatron_loopmdm.models.builder import build_model
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
-from megatron_loopmdm.training.optimizer_fixes import apply_torch_adam_fixes
 
 import torch
 from megatron.core import parallel_state

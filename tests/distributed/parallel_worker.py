@@ -11,6 +11,7 @@ import json
 import os
 
 import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron)
+from megatron_loopmdm.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint
 from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
@@ -23,7 +24,6 @@ from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.sizes import get_model_size
 from megatron_loopmdm.training.backend import build_training
-from megatron_loopmdm.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_loopmdm.training.setup import default_optimizer_config
 from megatron_loopmdm.training.step import make_forward_step
 

@@ -1,7 +1,7 @@
 """Distributed checkpoints: exact resume with the distributed optimizer, and resharding.
 
 These exercise megatron-core's distributed optimizer on the torch-Adam path, including the
-three bugs that `megatron_loopmdm.training.optimizer_fixes` works around: without fix 2 the
+three bugs that `megatron_loopmdm.checkpointing.optimizer_fixes` works around: without fix 2 the
 load fails (KeyError 'step'); without fix 3 the resumed losses drift (shared Adam step).
 """
 

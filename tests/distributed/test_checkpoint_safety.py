@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import megatron_loopmdm  # noqa: F401  (megatron import shims)
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
+from megatron_loopmdm.checkpointing.safe_load import UnsafeCheckpointError, safe_torch_load
 from megatron_loopmdm.training.resume import check_checkpoint_format, schedule_differences
-from megatron_loopmdm.training.safe_load import UnsafeCheckpointError, safe_torch_load
 
 import pytest
 

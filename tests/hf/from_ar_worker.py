@@ -3,6 +3,7 @@
 import argparse
 
 import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron)
+from megatron_loopmdm.checkpointing.dist_checkpoint import load_checkpoint
 from megatron_loopmdm.distributed.parallel import (
     ParallelConfig,
     destroy_distributed,
@@ -13,7 +14,6 @@ from megatron_loopmdm.models.attention_masks import causal_attention_mask
 from megatron_loopmdm.models.builder import build_model, transformer_config
 from megatron_loopmdm.models.config import LoopConfig, LoopMDMModelConfig
 from megatron_loopmdm.models.sizes import ModelSize
-from megatron_loopmdm.training.checkpointing import load_checkpoint
 
 import torch
 from megatron.core import parallel_state

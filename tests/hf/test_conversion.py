@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import megatron_loopmdm  # noqa: F401
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.hf import LoopMDMForMaskedDiffusion, load_for_inference
 from megatron_loopmdm.models.builder import build_model, transformer_config

@@ -7,7 +7,7 @@ and S = 1, gives the HF model's own logits (fp32, relative 1e-5) on random input
 import runpy
 
 import megatron_loopmdm  # noqa: F401
-import megatron_loopmdm.training.checkpointing as ckpt
+import megatron_loopmdm.checkpointing.dist_checkpoint as ckpt
 from megatron_loopmdm.hf.checkpoint import build_megatron_model, read_checkpoint_extra
 from megatron_loopmdm.hf.from_ar import FLAGS_FILE, import_ar_model, kept_layers
 from megatron_loopmdm.models.attention_masks import causal_attention_mask

@@ -30,9 +30,8 @@ from megatron_loopmdm.models.builder import loop_config_for, transformer_config
 from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.loop_sampling import draw_num_loops
 from megatron_loopmdm.models.sizes import get_model_size
-from megatron_loopmdm.training.deepspeed_backend import (
-    AdamWConfig,
-    DeepSpeedTrainer,
+from megatron_loopmdm.training.deepspeed_backend import AdamWConfig, DeepSpeedTrainer
+from megatron_loopmdm.training.deepspeed_config import (
     load_deepspeed_config,
     prepare_deepspeed_config,
 )

@@ -10,6 +10,7 @@ import math
 
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.training import deepspeed_backend as ds
+from megatron_loopmdm.training import deepspeed_config as dsc
 
 import pytest
 import torch
@@ -119,9 +120,9 @@ def test_resume_from_deepspeed_checkpoint_is_exact(tmp_path, data_parallel):
 
 def test_example_configs_are_valid_for_bf16():
     for stage in (1, 2, 3):
-        config = ds.load_deepspeed_config(EXAMPLES / f"zero{stage}.json")
-        assert ds.zero_stage(config) == stage
-        prepared = ds.prepare_deepspeed_config(
+        config = dsc.load_deepspeed_config(EXAMPLES / f"zero{stage}.json")
+        assert dsc.zero_stage(config) == stage
+        prepared = dsc.prepare_deepspeed_config(
             config, ParallelConfig(), 2, 16, 4, params_dtype=torch.bfloat16
         )
         assert prepared["gradient_accumulation_steps"] == 2
@@ -130,32 +131,32 @@ def test_example_configs_are_valid_for_bf16():
 
 def test_stage3_prefetching_is_turned_off():
     config = {"zero_optimization": {"stage": 3}}
-    prepared = ds.prepare_deepspeed_config(config, ParallelConfig(), 1, 4, 2)
+    prepared = dsc.prepare_deepspeed_config(config, ParallelConfig(), 1, 4, 2)
     assert prepared["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
     assert prepared["zero_optimization"]["stage3_max_reuse_distance"] == 0
     assert "stage3_prefetch_bucket_size" not in config["zero_optimization"]  # not mutated
 
 
 def test_batch_sizes_are_filled_and_checked():
-    filled = ds.fill_batch_sizes({"train_batch_size": "auto"}, 2, 32, 4)
+    filled = dsc.fill_batch_sizes({"train_batch_size": "auto"}, 2, 32, 4)
     assert filled["train_micro_batch_size_per_gpu"] == 2
     assert filled["gradient_accumulation_steps"] == 4
     assert filled["train_batch_size"] == 32
     with pytest.raises(ValueError, match="train_batch_size=64 contradicts"):
-        ds.fill_batch_sizes({"train_batch_size": 64}, 2, 32, 4)
+        dsc.fill_batch_sizes({"train_batch_size": 64}, 2, 32, 4)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=8 contradicts"):
-        ds.fill_batch_sizes({"gradient_accumulation_steps": 8}, 2, 32, 4)
+        dsc.fill_batch_sizes({"gradient_accumulation_steps": 8}, 2, 32, 4)
     with pytest.raises(ValueError, match="must be a positive multiple"):
-        ds.fill_batch_sizes({}, 3, 32, 4)
+        dsc.fill_batch_sizes({}, 3, 32, 4)
 
 
 def test_config_file_errors(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
-        ds.load_deepspeed_config(tmp_path / "missing.json")
+        dsc.load_deepspeed_config(tmp_path / "missing.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{ not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        ds.load_deepspeed_config(broken)
+        dsc.load_deepspeed_config(broken)
 
 
 ZERO2 = {"zero_optimization": {"stage": 2}}
@@ -197,7 +198,7 @@ def test_incompatible_configs_are_refused(name):
     config, options, message = REFUSALS[name]
     parallel = ParallelConfig(pipeline_model_parallel_size=options.get("pp", 1))
     with pytest.raises(ValueError, match=message):
-        ds.validate_deepspeed_config(
+        dsc.validate_deepspeed_config(
             config, parallel, options.get("dtype", torch.float32), clip_grad=1.0
         )
 

@@ -2,17 +2,18 @@
 
 import json
 
+from megatron_loopmdm.checkpointing.run_config import (
+    RUN_CONFIG_VERSION,
+    read_run_config,
+    run_config_json,
+)
 from megatron_loopmdm.diffusion.config import DiffusionConfig
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.hf.checkpoint import _tokenizer_source, checkpoint_dtype
 from megatron_loopmdm.models.builder import loop_config_for
 from megatron_loopmdm.models.config import LoopMDMModelConfig
 from megatron_loopmdm.models.sizes import get_model_size
-from megatron_loopmdm.training.run_config import (
-    RUN_CONFIG_VERSION,
-    read_run_config,
-    run_config_json,
-)
+from megatron_loopmdm.training.config import DataSourceConfig, TrainingConfig
 
 import pytest
 import torch
@@ -32,7 +33,10 @@ def _configs():
 
 
 def test_the_json_holds_every_config_and_reads_back(tmp_path):
-    text = run_config_json(_configs(), "bfloat16", "HuggingFaceTokenizer", str(tmp_path))
+    training = TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=1,
+                              params_dtype="bfloat16")  # fmt: skip
+    data = DataSourceConfig(data_path=["corpus"], tokenizer_model=str(tmp_path))
+    text = run_config_json({**_configs(), "training": training, "data": data})
     tree = json.loads(text)  # plain JSON: no class of this package needed
     assert tree["version"] == RUN_CONFIG_VERSION
     assert tree["model_size"]["loop_layers"] == [1, 2]
@@ -75,6 +79,6 @@ def test_a_saved_checkpoint_holds_the_run_config_as_a_plain_json_file(tmp_path):
     assert tree["model_size"]["num_layers"] == 4 and tree["parallel"]["world_size"] == 1
     assert tree["data"]["tokenizer_model"] is None  # mock data
     # The same JSON is in the checkpoint's own state, where converters read it.
-    from megatron_loopmdm.training.checkpointing import read_extra_state
+    from megatron_loopmdm.checkpointing.dist_checkpoint import read_extra_state
 
     assert json.loads(read_extra_state(tmp_path / "ckpt", 1)["run_config"]) == tree

@@ -1,12 +1,11 @@
-"""Every flag of `pretrain_loopmdm.py --help` does something, or is documented as accepted only
-for Megatron-LM compatibility; `--transformer-impl` picks the layer spec."""
+"""Every flag of `pretrain_loopmdm.py --help` changes the run's typed configuration, or is
+documented as accepted only for Megatron-LM compatibility; `--transformer-impl` picks the layer
+spec."""
 
-import inspect
-import re
 import subprocess
 import sys
 
-from megatron_loopmdm.training import arguments, loop
+from megatron_loopmdm.training import arguments, config
 
 import pytest
 
@@ -15,33 +14,143 @@ from tests.utils import REPO
 # Flags that Megatron-LM command lines carry and that change nothing here, with the reason
 # (each also says so in its --help).
 ACCEPTED_FOR_COMPATIBILITY = {
-    "no_load_rng": "checkpoints hold no RNG state: t, masks and loop counts are keyed by the seed",
+    "--no-load-rng": "checkpoints hold no RNG state: t, masks and loop counts follow the seed",
+}
+WORLD_SIZE = 4
+BASE = ["--model-size", "debug", "--micro-batch-size", "1", "--train-iters", "10", "--lr", "1e-3"]
+REAL_DATA = ["--tokenizer-model", "tok", "--data-path", "corpus"]
+TRAIN_DATA = ["--tokenizer-model", "tok", "--train-data-path", "t"]
+DEEPSPEED = ["--deepspeed", "--deepspeed-config", "ds.json"]
+
+# Each flag as a user would give it: (the flags it needs beside it, the flag and its value). A
+# switch needs no entry; neither does a choice (another of its choices is taken) nor a number
+# with a default (its double is taken).
+USES = {
+    "--model-size": ([], ["--model-size", "mdlm-small"]),
+    "--num-layers": ([], ["--num-layers", "6"]),
+    "--hidden-size": ([], ["--hidden-size", "128"]),
+    "--ffn-hidden-size": ([], ["--ffn-hidden-size", "256"]),
+    "--num-attention-heads": ([], ["--num-attention-heads", "8"]),
+    "--num-query-groups": ([], ["--num-query-groups", "4"]),
+    "--seq-length": ([], ["--seq-length", "32"]),
+    "--max-position-embeddings": ([], ["--max-position-embeddings", "128"]),
+    "--normalization": ([], ["--normalization", "LayerNorm"]),
+    "--swiglu": (["--no-swiglu"], ["--swiglu"]),
+    "--hidden-dropout": ([], ["--hidden-dropout", "0.1"]),
+    "--attention-dropout": ([], ["--attention-dropout", "0.1"]),
+    "--transformer-impl": ([], ["--transformer-impl", "local"]),
+    "--num-layers-per-virtual-pipeline-stage": (
+        ["--pipeline-model-parallel-size", "2"],
+        ["--num-layers-per-virtual-pipeline-stage", "1"],
+    ),
+    "--decoder-first-pipeline-num-layers": (
+        ["--pipeline-model-parallel-size", "2"],
+        ["--decoder-first-pipeline-num-layers", "1"],
+    ),
+    "--decoder-last-pipeline-num-layers": (
+        ["--pipeline-model-parallel-size", "2"],
+        ["--decoder-last-pipeline-num-layers", "1"],
+    ),
+    "--pipeline-model-parallel-layout": (
+        ["--pipeline-model-parallel-size", "2"],
+        ["--pipeline-model-parallel-layout", "auto"],
+    ),
+    "--sequence-parallel": (["--tensor-model-parallel-size", "2"], ["--sequence-parallel"]),
+    "--deepspeed": ([], DEEPSPEED),  # the two only go together
+    "--deepspeed-config": ([], DEEPSPEED),
+    "--device": ([], ["--device", "cpu"]),
+    "--micro-batch-size": ([], ["--micro-batch-size", "2"]),
+    "--global-batch-size": ([], ["--global-batch-size", "8"]),
+    "--train-iters": ([], ["--train-iters", "20"]),
+    "--lr": ([], ["--lr", "2e-3"]),
+    "--adam-beta1": ([], ["--adam-beta1", "0.8"]),
+    "--adam-beta2": ([], ["--adam-beta2", "0.99"]),
+    "--min-lr": ([], ["--min-lr", "1e-4"]),
+    "--lr-decay-style": ([], ["--lr-decay-style", "linear"]),
+    "--lr-decay-iters": ([], ["--lr-decay-iters", "5"]),
+    "--lr-wsd-decay-iters": ([], ["--lr-wsd-decay-iters", "5"]),
+    "--data-path": (["--tokenizer-model", "tok"], ["--data-path", "corpus"]),
+    "--split": (REAL_DATA, ["--split", "90,10,0"]),
+    "--train-data-path": (["--tokenizer-model", "tok"], ["--train-data-path", "train"]),
+    "--valid-data-path": (TRAIN_DATA, ["--valid-data-path", "v"]),
+    "--test-data-path": (TRAIN_DATA, ["--test-data-path", "x"]),
+    "--data-cache-path": ([], ["--data-cache-path", "cache"]),
+    "--tokenizer-type": ([], ["--tokenizer-type", "GPT2BPETokenizer"]),
+    "--tokenizer-model": ([], ["--tokenizer-model", "tok"]),
+    "--vocab-file": ([], ["--vocab-file", "vocab.json"]),
+    "--merge-file": ([], ["--merge-file", "merges.txt"]),
+    "--eod-token": ([], ["--eod-token", "[EOD]"]),
+    "--mock-data": (REAL_DATA, ["--mock-data"]),  # instead of the context: see _config
+    "--sft": (REAL_DATA, ["--sft"]),
+    "--sft-packing": ([*REAL_DATA, "--sft"], ["--sft-packing", "pack"]),
+    "--sft-eos-in-loss": ([*REAL_DATA, "--sft"], ["--sft-eos-in-loss"]),
+    "--save": ([], ["--save", "ckpt"]),
+    "--load": (["--save", "ckpt"], ["--load", "ckpt"]),  # resumes where it saves: no dir needed
+    "--save-interval": (["--save", "ckpt"], ["--save-interval", "5"]),
+    "--finetune": (["--save", "ckpt", "--load", "ckpt"], ["--finetune"]),
+    "--iteration": (["--save", "ckpt", "--load", "ckpt"], ["--iteration", "5"]),
+    "--keep-last": (["--save", "ckpt"], ["--keep-last", "2"]),
+    "--tensorboard-dir": ([], ["--tensorboard-dir", "tb"]),
+    "--eval-interval": ([], ["--eval-interval", "5"]),
+    "--eval-num-loops": ([], ["--eval-num-loops", "2"]),
+    "--wandb-project": ([], ["--wandb-project", "p"]),
+    "--metrics-file": ([], ["--metrics-file", "m.jsonl"]),
+    "--loop-layers": ([], ["--loop-layers", "1", "3"]),
+    "--max-loops": ([], ["--max-loops", "2"]),
+    "--loop-backprop-depth": ([], ["--loop-backprop-depth", "1"]),
+    "--loop-state-noise": ([], ["--loop-state-noise", "0.1"]),
+    "--mask-token-id": ([], ["--mask-token-id", "5"]),
+    "--random-length-prob": ([], ["--random-length-prob", "0.1"]),
+    "--kv-channels": ([], ["--kv-channels", "32"]),
+    "--norm-epsilon": ([], ["--norm-epsilon", "1e-6"]),
+    "--rope-scaling": ([], ["--rope-scaling", '{"rope_type": "linear", "factor": 2}']),
+    "--padded-vocab-size": ([], ["--padded-vocab-size", "2048"]),
 }
 
 
-def _readers() -> str:
-    """The code that reads parsed arguments: the library and the entry point, not the parser."""
-    files = [p for p in (REPO / "megatron_loopmdm").rglob("*.py") if p.name != "arguments.py"]
-    return "\n".join(p.read_text() for p in [*files, REPO / "pretrain_loopmdm.py"])
+def _use(action, option: str) -> tuple[list, list]:
+    if option in USES:
+        return USES[option]
+    if action.nargs == 0:
+        return [], [option]
+    if action.choices:
+        return [], [option, next(str(c) for c in action.choices if c != action.default)]
+    assert isinstance(action.default, (int, float)), f"add {option} to USES"
+    return [], [option, str(action.default * 2 or 1)]
 
 
-def _is_read(dest: str, code: str, by_name: str) -> bool:
-    return bool(
-        re.search(rf"\bargs\.{dest}\b", code)
-        or re.search(rf"getattr\(args, \"{dest}\"", code)
-        or f'"{dest}"' in by_name
-    )
+def _config(argv: list):
+    """The typed config of BASE + `argv`, on mock data unless `argv` names data."""
+    if not {"--data-path", "--train-data-path", "--mock-data"} & set(argv):
+        argv = [*argv, "--mock-data"]
+    args = arguments.parse_args([*BASE, *argv], world_size=WORLD_SIZE)
+    return arguments.run_config_from_args(args, world_size=WORLD_SIZE)
 
 
-def test_every_flag_is_read_or_listed_as_accepted_for_compatibility():
-    # The config builders of the argument module count; its validation does not.
-    code = _readers() + inspect.getsource(arguments.parallel_config)
-    by_name = inspect.getsource(loop.model_size_from_args) + inspect.getsource(
-        loop._ar_architecture_changes
-    )  # these read tuples of names by getattr
-    dests = {a.dest for a in arguments.build_parser()._actions if a.dest != "help"}
-    unread = sorted(d for d in dests if not _is_read(d, code, by_name))
-    assert unread == sorted(ACCEPTED_FOR_COMPATIBILITY)
+def _options():
+    return [
+        (action, option)
+        for action in arguments.build_parser()._actions
+        for option in action.option_strings
+        if option not in ("-h", "--help")
+    ]
+
+
+@pytest.mark.parametrize("option", [option for _, option in _options()])
+def test_every_flag_changes_the_run_config_or_is_listed_as_accepted(option):
+    action = dict((o, a) for a, o in _options())[option]
+    context, use = _use(action, option)
+    if option in ACCEPTED_FOR_COMPATIBILITY:
+        assert _config([*context, *use]) == _config(context)
+        assert "accepted for Megatron-LM command lines, no effect" in action.help
+        return
+    if option == "--mock-data":  # it replaces the context's data
+        assert _config(use) != _config(context)
+        return
+    assert _config([*context, *use]) != _config(context), f"{option} changes nothing"
+
+
+def test_the_help_says_which_flags_are_accepted_for_compatibility():
     help_text = subprocess.run(
         [sys.executable, str(REPO / "pretrain_loopmdm.py"), "--help"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
@@ -50,9 +159,9 @@ def test_every_flag_is_read_or_listed_as_accepted_for_compatibility():
 
 
 def test_transformer_impl_sets_the_layer_spec():
-    assert arguments.use_transformer_engine(None) is None
-    assert arguments.use_transformer_engine("local") is False  # forces local even with TE
-    assert arguments.use_transformer_engine("transformer_engine") is True
+    assert config.use_transformer_engine(None) is None
+    assert config.use_transformer_engine("local") is False  # forces local even with TE
+    assert config.use_transformer_engine("transformer_engine") is True
 
 
 def test_transformer_impl_reaches_the_layer_spec(megatron_single_process):

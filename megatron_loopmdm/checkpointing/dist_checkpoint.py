@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from megatron_loopmdm.training.optimizer_fixes import prepare_for_loading
-from megatron_loopmdm.training.safe_load import UnsafeCheckpointError, check_dist_checkpoint
+from megatron_loopmdm.checkpointing.optimizer_fixes import prepare_for_loading
+from megatron_loopmdm.checkpointing.safe_load import UnsafeCheckpointError, check_dist_checkpoint
 
 import torch
 from megatron.core import dist_checkpointing
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 DEEPSPEED_LATEST_FILE = "latest"  # DeepSpeed's own marker of its newest checkpoint's tag
-RUN_CONFIG_FILE = "run_config.json"  # `training.run_config`, readable without this package
+RUN_CONFIG_FILE = "run_config.json"  # `checkpointing.run_config`, readable without this package
 LOCK_FILE = ".save.lock"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
