@@ -7,7 +7,9 @@
 
 Paths: plain, threshold (parallel decoding), prefix and dual key/value caches (with threshold
 decoding, block refresh), at each threshold of the sweep, with fixed and adaptive loops, at
-each gen length / batch size; steps = gen length, blocks of --block-length.
+each gen length / batch size; steps = gen length, blocks of --block-length. With
+--loop-warm-start, every adaptive path is also run with the loop warm start (`+warm`), against
+the same cold plain sampler.
 
 Workloads:
 - `--load MODEL --data FILE.jsonl` (SFT JSON lines with `prompt` and `answer`, e.g. the
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--thresholds", default="0.9", help="the sweep, e.g. 0.9,0.95,0.99")
     parser.add_argument("--max-loops", type=int, default=4)
     parser.add_argument("--loop-threshold", type=float, default=0.05)
+    parser.add_argument("--loop-warm-start", action="store_true",
+                        help="also every adaptive path with the loop warm start")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (best kept)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
@@ -188,18 +192,25 @@ def _configs(args, gen_length: int):
     configs = []
     for loops, policy in loop_modes.items():
         base = dict(gen_length=gen_length, steps=gen_length, block_length=block, loops=policy)
-        configs.append((loops, "plain", None, SamplerConfig(**base)))
-        for threshold in args.thresholds:
-            for path, options in PATHS.items():
-                if path != "plain":
-                    config = SamplerConfig(**base, threshold=threshold, **options)
-                    configs.append((loops, path, threshold, config))
+        paths = [("plain", None, {})] + [
+            (path, threshold, {"threshold": threshold, **options})
+            for threshold in args.thresholds
+            for path, options in PATHS.items()
+            if path != "plain"
+        ]
+        for path, threshold, options in paths:
+            configs.append((loops, path, threshold, SamplerConfig(**base, **options)))
+        if loops == "adaptive" and args.loop_warm_start:
+            for path, threshold, options in paths:
+                config = SamplerConfig(**base, **options, loop_warm_start=True)
+                configs.append((loops, f"{path}+warm", threshold, config))
     return configs
 
 
 def measure(args, make_run, task: bool) -> list:
     rows = []
-    print("gen  batch loops    path      thr     tok/s  speedup agree  exact  loops/sample steps")
+    print("gen  batch loops    path           thr     tok/s  speedup agree  exact  loops/sample "
+          "steps")
     for gen_length in args.gen_lengths:
         for batch in args.batch_sizes:
             run, plain = make_run(gen_length, batch), None
@@ -225,7 +236,7 @@ def _print_row(row, speedup: float) -> None:
     exact = "   -  " if row["exact"] is None else f"{row['exact']:6.3f}"
     threshold = "  -  " if row["threshold"] is None else f"{row['threshold']:.3f}"
     steps = "-" if row["steps"] is None else row["steps"]
-    print(f"{row['gen_length']:<4} {row['batch']:<5} {row['loops']:<8} {row['path']:<9} "
+    print(f"{row['gen_length']:<4} {row['batch']:<5} {row['loops']:<8} {row['path']:<14} "
           f"{threshold} {row['tokens_per_second']:9.1f} {speedup:7.2f}x {row['agreement']:6.3f} "
           f"{exact} {row['loop_evaluations']:12.1f} {steps:>5}", flush=True)  # fmt: skip
 
