@@ -22,10 +22,12 @@ Workloads:
   token accuracy against the language (information only: at these lengths it does not solve
   the language, so it is not a task), and rows qualify by token agreement.
 
-A row's speedup is only ever against the plain sampler at the same gen length, batch size and
-loop setting, on the same prompts and seeds. The last line is `sampling_speedup=<best speedup
-of a row whose exact match is within 1 point of plain's (plain's >= 0.5), or, without a task,
-whose token agreement is >= 99%>`, or `sampling_speedup=none` after a line saying why.
+`flops-x` is plain's model FLOPs over the row's (the compute saved, which machine load does
+not blur; a busy machine blurs tokens/s). A row's speedup is only ever against the plain
+sampler at the same gen length, batch size and loop setting, on the same prompts and seeds.
+The last line is `sampling_speedup=<best tokens/s speedup of a row whose exact match is within
+1 point of plain's (plain's >= 0.5), or, without a task, whose token agreement is >= 99%>`,
+or `sampling_speedup=none` after a line saying why.
 """
 
 import argparse
@@ -153,6 +155,7 @@ def _token_run(model, gen_length: int, batch: int, language):
             exact = (result.generated == truth[:, 2:]).float().mean().item()
         return {"outputs": result.generated, "exact": exact,
                 "loop_evaluations": result.loop_evaluations_per_sample,
+                "model_flops": result.model_flops,
                 "steps": result.steps_run, "tokens": batch * gen_length}  # fmt: skip
 
     return run
@@ -171,6 +174,7 @@ def _answer_run(model, examples, tokenizer, batch: int, seed: int):
         )  # fmt: skip
         return {"outputs": texts, "exact": sum(correct) / len(correct),
                 "loop_evaluations": costs["loop_evaluations"], "steps": None,
+                "model_flops": costs["model_flops"],
                 "tokens": len(examples) * config.gen_length}  # fmt: skip
 
     return run
@@ -210,7 +214,7 @@ def _configs(args, gen_length: int):
 def measure(args, make_run, task: bool) -> list:
     rows = []
     print("gen  batch loops    path           thr     tok/s  speedup agree  exact  loops/sample "
-          "steps")
+          "steps flops-x")
     for gen_length in args.gen_lengths:
         for batch in args.batch_sizes:
             run, plain = make_run(gen_length, batch), None
@@ -221,24 +225,30 @@ def measure(args, make_run, task: bool) -> list:
                     measured = run(config)
                     seconds = min(seconds, time.perf_counter() - start)
                 if path == "plain":
-                    plain = {"outputs": measured["outputs"], "rate": measured["tokens"] / seconds}
+                    plain = {"outputs": measured["outputs"], "rate": measured["tokens"] / seconds,
+                             "flops": measured["model_flops"]}  # fmt: skip
                 row = {"gen_length": gen_length, "batch": batch, "loops": loops, "path": path,
                        "threshold": threshold, "tokens_per_second": measured["tokens"] / seconds,
                        "agreement": _agreement(measured["outputs"], plain["outputs"]),
                        "exact": measured["exact"], "steps": measured["steps"],
-                       "loop_evaluations": measured["loop_evaluations"]}  # fmt: skip
+                       "loop_evaluations": measured["loop_evaluations"],
+                       "model_flops": measured["model_flops"]}  # fmt: skip
                 rows.append(row)
-                _print_row(row, row["tokens_per_second"] / plain["rate"])
+                flops_ratio = None
+                if plain["flops"] and row["model_flops"]:
+                    flops_ratio = plain["flops"] / row["model_flops"]
+                _print_row(row, row["tokens_per_second"] / plain["rate"], flops_ratio)
     return rows
 
 
-def _print_row(row, speedup: float) -> None:
+def _print_row(row, speedup: float, flops_ratio) -> None:
     exact = "   -  " if row["exact"] is None else f"{row['exact']:6.3f}"
     threshold = "  -  " if row["threshold"] is None else f"{row['threshold']:.3f}"
     steps = "-" if row["steps"] is None else row["steps"]
+    flops = "    -  " if flops_ratio is None else f"{flops_ratio:6.2f}x"
     print(f"{row['gen_length']:<4} {row['batch']:<5} {row['loops']:<8} {row['path']:<14} "
           f"{threshold} {row['tokens_per_second']:9.1f} {speedup:7.2f}x {row['agreement']:6.3f} "
-          f"{exact} {row['loop_evaluations']:12.1f} {steps:>5}", flush=True)  # fmt: skip
+          f"{exact} {row['loop_evaluations']:12.1f} {steps:>5} {flops}", flush=True)  # fmt: skip
 
 
 def main(argv=None) -> int:
