@@ -8,7 +8,8 @@
         [--no-loop-schedule] [--temperature 0] [--seed 0] \
         [--remasking low_confidence|random|ancestral] [--cfg-scale 0] [--suppress-eos] \
         [--threshold 0.9 | --factor 1.0] [--cache none|prefix|dual] [--cache-refresh block] \
-        [--prompts-file prompts.jsonl] [--tokenizer DIR] [--device cpu] [--output out.jsonl]
+        [--loop-warm-start] [--prompts-file prompts.jsonl] [--tokenizer DIR] [--device cpu] \
+        [--output out.jsonl]
 
 Prints each completion, then a summary: steps, loops per step, loop evaluations, model FLOPs,
 tokens/s, time (and the key/value cache's memory with --cache). `--prompts-file` is JSON lines
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
             suppress_eos=args.suppress_eos, eos_token_id=tokenizer.eod,
             loops=loop_policy_from_args(args),
             threshold=args.threshold, factor=args.factor, cache=args.cache,
-            cache_refresh=args.cache_refresh,
+            cache_refresh=args.cache_refresh, loop_warm_start=args.loop_warm_start,
         )  # fmt: skip
         model = load_for_inference(args.load, device=args.device, iteration=args.iteration)
         check_tokenizer_matches(model.config, tokenizer)

@@ -48,6 +48,7 @@ class LoopMDMEvalLM(LM):
         seed: seed of the Monte Carlo and sampling noise (results are reproducible).
         threshold, factor: parallel decoding in `generate_until` (see `SamplerConfig`).
         cache: `none`, `prefix` or `dual` key/value caching in `generate_until`.
+        loop_warm_start: `True` / `False`: the loop warm start in `generate_until`.
         loop_stop, loop_per, loop_threshold, loop_patience, loop_budget, min_loops, max_loops,
         loop_schedule ("1;2;2": model_args split at commas): the loop policy of
             `generate_until` (see
@@ -71,6 +72,7 @@ class LoopMDMEvalLM(LM):
         threshold: Optional[float] = None,
         factor: Optional[float] = None,
         cache: str = "none",
+        loop_warm_start=False,
         loop_stop: Optional[str] = None,
         loop_per: str = "batch",
         loop_threshold: Optional[float] = None,
@@ -101,6 +103,7 @@ class LoopMDMEvalLM(LM):
         self.threshold = float(threshold) if threshold not in (None, "", "None") else None
         self.factor = float(factor) if factor not in (None, "", "None") else None
         self.cache = str(cache)
+        self.loop_warm_start = _flag("loop_warm_start", loop_warm_start)
         self.loop_policy = _loop_policy(self.num_loops, loop_stop, loop_per, loop_threshold,
                                         loop_patience, loop_budget, min_loops, max_loops,
                                         loop_schedule)  # fmt: skip
@@ -163,6 +166,7 @@ class LoopMDMEvalLM(LM):
                 threshold=self.threshold,
                 factor=self.factor,
                 cache=self.cache,
+                loop_warm_start=self.loop_warm_start,
             )
             generator = torch.Generator().manual_seed(self.seed)
             prompt = self.tokenizer.tokenize(context)
@@ -177,6 +181,16 @@ class LoopMDMEvalLM(LM):
 
 def _given(value) -> bool:
     return value not in (None, "", "None")
+
+
+def _flag(name: str, value) -> bool:
+    """A boolean model_arg: a bool, or `true`/`false` (`1`/`0`) as the harness passes it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ValueError(f"{name}={value!r}: give true or false.")
+    return text in ("true", "1")
 
 
 def _loop_policy(num_loops, stop, per, threshold, patience, budget, min_loops, max_loops,

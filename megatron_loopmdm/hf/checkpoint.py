@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 HF_DIR = Path(__file__).resolve().parent
 MODEL_FILES = (
+    "cache_loopmdm.py",
     "configuration_loopmdm.py",
     "generation_loopmdm.py",
     "loop_policy_loopmdm.py",

@@ -15,7 +15,8 @@ a step also commits every further token that passes the rule, so a block may fin
 block (and, for `prefix`, the masked suffix) runs through the model at most steps. Committed
 tokens never change again; the prompt never changes. Sampling noise is float64 drawn on the CPU
 from the given generator, at the full sequence shape, so a seed gives the same tokens on any
-device and with or without a cache.
+device and with or without a cache. A loop warm start (`loop_warm_start`) starts each pass's
+loop block from the previous pass's final loop state where the input token did not change.
 """
 
 import dataclasses
@@ -72,6 +73,10 @@ class SamplerConfig:
     """`block`: recompute the cache by a full pass when a block starts (that pass's logits serve
     the step); `step`: a full pass before every step, then the cached pass (a check of the
     cache: it gives the uncached tokens, at two passes per step)."""
+    loop_warm_start: bool = False
+    """Start each pass's loop block from the previous pass's final loop state at positions
+    whose input token did not change (the others start as usual): adaptive loops then stop
+    earlier. Off by default: it changes the computation, so tokens may differ."""
 
     def __post_init__(self) -> None:
         self.block_length = self.block_length or self.gen_length
@@ -112,6 +117,8 @@ class SamplerConfig:
             )
         if self.cache not in CACHES:
             raise ValueError(f"cache={self.cache!r}: choose one of {', '.join(CACHES)}.")
+        if not isinstance(self.loop_warm_start, bool):
+            raise ValueError(f"loop_warm_start={self.loop_warm_start!r}: give True or False.")
         if self.cache_refresh not in CACHE_REFRESHES:
             raise ValueError(
                 f"cache_refresh={self.cache_refresh!r}: choose one of {', '.join(CACHE_REFRESHES)}."
@@ -235,12 +242,14 @@ def pad_prompts(
 
 
 class _Pass:
-    """One stream of forward passes (conditional, or unconditional for CFG) with its cache."""
+    """One stream of forward passes (conditional, or unconditional for CFG) with its cache
+    and loop warm start."""
 
     def __init__(self, model, attention_mask: Optional[Tensor], policy: LoopPolicy, cache,
-                 mask_token_id: int):  # fmt: skip
+                 mask_token_id: int, warm_start=None):  # fmt: skip
         self.model, self.attention_mask = model, attention_mask
         self.policy, self.cache, self.mask_token_id = policy, cache, mask_token_id
+        self.warm_start = warm_start
         self.row_max_loops: Optional[Tensor] = None
         """[b] per-row loop caps of the next passes (the compute budget), or None."""
         self.last: dict = {}
@@ -270,6 +279,8 @@ class _Pass:
             if fill:
                 self.cache.reset()
             kwargs.update(kv_cache=self.cache, window_start=ws)
+        if self.warm_start is not None:
+            kwargs["loop_warm_start"] = self.warm_start
         out = self.model(x[:, ws:we], **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
         used = int(getattr(out, "num_loops", None) or num_loops)
@@ -373,6 +384,18 @@ def _new_cache(model, config: SamplerConfig):
     return make()
 
 
+def _new_warm_start(model, config: SamplerConfig):
+    if not config.loop_warm_start:
+        return None
+    make = getattr(model, "make_loop_warm_start", None)
+    if make is None:
+        raise ValueError(
+            "loop_warm_start needs a model that takes a loop state "
+            "(LoopMDMForMaskedDiffusion); drop --loop-warm-start for this model."
+        )
+    return make()
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -387,9 +410,10 @@ def generate(
 
     Args:
         model: called as `model(ids [b, w], num_loops=S[, attention_mask=, position_ids=]
-            [, loop_threshold=, min_loops=][, kv_cache=, window_start=])`, returning logits
-            [b, w, vocab] (or an object with `.logits` and optionally `.num_loops`); a
-            `LoopMDMForMaskedDiffusion` fits (caches need its `make_kv_cache`).
+            [, loop_threshold=, min_loops=][, kv_cache=, window_start=][, loop_warm_start=])`,
+            returning logits [b, w, vocab] (or an object with `.logits` and optionally
+            `.num_loops`); a `LoopMDMForMaskedDiffusion` fits (caches need its
+            `make_kv_cache`, the warm start its `make_loop_warm_start`).
         prompts: token ids, one list per prompt, or a [b, p] tensor.
         config: the sampler settings.
         mask_token_id: the [MASK] id (default `model.config.mask_token_id`).
@@ -417,10 +441,10 @@ def generate(
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     b, s = x.shape
     p = s - config.gen_length
-    streams = [
-        _Pass(model, attention_mask, config.loops, _new_cache(model, config), mask_token_id)
-        for _ in range(2 if config.cfg_scale > 0 else 1)
-    ]
+    streams = []
+    for _ in range(2 if config.cfg_scale > 0 else 1):
+        cache, warm_start = _new_cache(model, config), _new_warm_start(model, config)
+        streams.append(_Pass(model, attention_mask, config.loops, cache, mask_token_id, warm_start))
     committed = torch.zeros(b, config.steps, dtype=torch.long)
     loops_per_step, costs = [], _Costs(flops_per_token, b)
     start_time = time.perf_counter()

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 try:  # a relative import inside a model directory, an absolute one inside the package
+    from .cache_loopmdm import LoopKVCache, LoopWarmStart
     from .configuration_loopmdm import LoopMDMConfig
     from .generation_loopmdm import SamplerConfig, generate
     from .loop_policy_loopmdm import (
@@ -31,6 +32,7 @@ try:  # a relative import inside a model directory, an absolute one inside the p
         write_loop_schedule,
     )
 except ImportError:  # pragma: no cover
+    from cache_loopmdm import LoopKVCache, LoopWarmStart
     from configuration_loopmdm import LoopMDMConfig
     from generation_loopmdm import SamplerConfig, generate
     from loop_policy_loopmdm import (
@@ -63,50 +65,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [b, heads, s, hn] rotated by halves: x cos + [-x2, x1] sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class LoopKVCache:
-    """Keys and values of every executed attention layer, for cached sampling.
-
-    One entry per layer execution: each prelude and coda layer once, each loop-block layer once
-    per loop (key `(layer index, loop index)`), each [b, kv_heads, s, head_dim] after RoPE. A
-    pass over the whole sequence into an empty cache fills it; a later pass over a window
-    [window_start, window_start + w) writes the window's keys and values in place and attends
-    to all s positions, the others as cached.
-    """
-
-    def __init__(self):
-        self.keys: dict = {}
-        self.values: dict = {}
-        self.length = 0
-        """s, the cached sequence length (0: empty)."""
-        self.num_loops = 0
-        """The loop count of the pass that filled the cache."""
-
-    def reset(self) -> None:
-        self.keys, self.values, self.length, self.num_loops = {}, {}, 0, 0
-
-    def update(self, slot: tuple, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Stores (filling pass) or writes in place (window pass); -> all keys and values."""
-        if slot not in self.keys:
-            assert start == 0, "a cache is filled by a pass over the whole sequence"
-            self.keys[slot], self.values[slot] = k, v
-            return k, v
-        keys, values = self.keys[slot], self.values[slot]
-        keys[:, :, start : start + k.size(2)] = k
-        values[:, :, start : start + v.size(2)] = v
-        return keys, values
-
-    def nbytes(self) -> int:
-        tensors = (*self.keys.values(), *self.values.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def bytes_per_token_per_layer(self) -> int:
-        """Keys plus values of one position in one layer execution (one layer, one loop)."""
-        if not self.keys:
-            return 0
-        k = next(iter(self.keys.values()))
-        return 2 * k.size(1) * k.size(3) * k.element_size()
 
 
 class LoopMDMAttention(nn.Module):
@@ -211,6 +169,17 @@ class LoopMDMTransformer(nn.Module):
             return h + e
         return self.input_injection(torch.cat([h, e], dim=-1))
 
+    def _warm_start(self, x: Tensor, input_ids: Tensor, start: int, warm_start) -> Tensor:
+        """The loop block's initial state [b, w, h]: the previous pass's final state, with the
+        prelude output x injected as before any later loop, where the token is unchanged."""
+        state, warm = warm_start.initial(input_ids, start)
+        if state is None:
+            return x
+        state = state.to(x.dtype)
+        if self.config.loop_input_injection != "none":
+            state = self._inject(state, x)
+        return torch.where(warm[..., None], state, x)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -224,6 +193,7 @@ class LoopMDMTransformer(nn.Module):
         window_start: int = 0,
         loop_controller: Optional[LoopController] = None,
         head: Optional[Callable[[Tensor], Tensor]] = None,
+        loop_warm_start: Optional[LoopWarmStart] = None,
     ) -> tuple[Tensor, int]:
         """[b, w] ids -> ([b, w, h] final-norm output, loops run).
 
@@ -236,7 +206,8 @@ class LoopMDMTransformer(nn.Module):
         ||x_i - x_{i-1}|| / ||x_{i-1}|| over its attended positions (of the window), falls
         below the threshold. A `loop_controller` (`LoopPolicy.controller`) decides per sample or
         position instead; its `kl` / `argmax` rules probe the state with the coda, the final
-        norm and `head` ([b, w, h] -> logits) after every loop.
+        norm and `head` ([b, w, h] -> logits) after every loop. A `loop_warm_start` starts the
+        loop block from its previous pass's final state where the input token is unchanged.
         """
         config = self.config
         w = input_ids.size(1)
@@ -277,6 +248,8 @@ class LoopMDMTransformer(nn.Module):
         start, end = config.loop_layers
         x = run(0, self.layers[:start], x)
         prelude_output = x
+        if loop_warm_start is not None:
+            x = self._warm_start(x, input_ids, window_start, loop_warm_start)
         loops_run = 0
         if loop_controller is not None:
             # Finished rows leave the batch only where nothing else needs their keys.
@@ -304,6 +277,8 @@ class LoopMDMTransformer(nn.Module):
                 x = loop_controller.after_loop(i, x, previous, probe)
                 if loop_controller.done:
                     break
+        if loop_warm_start is not None:
+            loop_warm_start.record(input_ids, window_start, x)
         x = run(end, self.layers[end:], x)
         return self.norm(x), loops_run
 
@@ -390,6 +365,7 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         kv_cache: Optional[LoopKVCache] = None,
         window_start: int = 0,
         loop_controller: Optional[LoopController] = None,
+        loop_warm_start: Optional[LoopWarmStart] = None,
         **kwargs,
     ):
         """Logits of the clean tokens at every position.
@@ -411,6 +387,9 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             window_start: the window's first position, with a filled `kv_cache`.
             loop_controller: adaptive loops per sample or position by any stopping rule
                 (`LoopPolicy(...).controller(mask_token_id)`); it records what it computed.
+            loop_warm_start: a `LoopWarmStart` (`make_loop_warm_start()`): the loop block
+                starts from the previous pass's final state at positions whose input token did
+                not change (a sampler's next denoising step), and this pass's state is kept.
 
         Returns:
             `LoopMDMOutput` with `logits` [b, s, vocab] in the model's dtype, [MASK] = -inf,
@@ -435,7 +414,7 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
         hidden = [] if output_hidden_states else None
         x, loops_run = self.model(
             input_ids, attention_mask, position_ids, num_loops, hidden, loop_threshold, min_loops,
-            kv_cache, window_start, loop_controller, self._head,
+            kv_cache, window_start, loop_controller, self._head, loop_warm_start,
         )  # fmt: skip
         logits = self._head(x)
         hidden_states = tuple(hidden) if hidden is not None else None
@@ -469,6 +448,10 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
     def make_kv_cache(self) -> LoopKVCache:
         """An empty key/value cache for `forward(..., kv_cache=)` (every layer and loop)."""
         return LoopKVCache()
+
+    def make_loop_warm_start(self) -> LoopWarmStart:
+        """An empty loop state for `forward(..., loop_warm_start=)` across a sampler's steps."""
+        return LoopWarmStart()
 
     @torch.no_grad()
     def diffusion_generate(
@@ -512,9 +495,10 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             loop_policy: a `LoopPolicy` (instead of `num_loops` and the loop options below);
                 with neither, the calibrated `loop_schedule` when the model has one, else S_max.
             **sampler_options: further `SamplerConfig` fields (`remasking`, `cfg_scale`,
-                `suppress_eos`, `cache_refresh`, ...); adaptive loops: `loop_threshold`,
-                `min_loops`, `max_loops`, `loop_stop` (state/kl/argmax), `loop_per`
-                (batch/sample/position), `loop_patience`, `loop_budget`; `loop_schedule`.
+                `suppress_eos`, `cache_refresh`, `loop_warm_start`, ...); adaptive loops:
+                `loop_threshold`, `min_loops`, `max_loops`, `loop_stop` (state/kl/argmax),
+                `loop_per` (batch/sample/position), `loop_patience`, `loop_budget`;
+                `loop_schedule`.
 
         Returns:
             [b, p + gen_length] int64: the prompt followed by the generated tokens.

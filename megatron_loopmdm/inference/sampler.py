@@ -73,8 +73,8 @@ def generate(
 
 
 def add_speed_arguments(parser) -> None:
-    """The sampler's speed flags (parallel decoding, key/value caches) that tools/generate.py
-    and tools/evaluate.py exact-match share."""
+    """The sampler's speed flags (parallel decoding, key/value caches, loop warm start) that
+    tools/generate.py and tools/evaluate.py exact-match share."""
     parallel = parser.add_mutually_exclusive_group()
     parallel.add_argument("--threshold", type=float, default=None,
                           help="parallel decoding: commit every token with confidence >= this")
@@ -83,3 +83,6 @@ def add_speed_arguments(parser) -> None:
     parser.add_argument("--cache", choices=CACHES, default="none",
                         help="key/value cache of every layer and loop")
     parser.add_argument("--cache-refresh", choices=CACHE_REFRESHES, default="block")
+    parser.add_argument("--loop-warm-start", action="store_true",
+                        help="start each step's loop block from the previous step's loop state "
+                        "where the token did not change (adaptive loops stop earlier)")

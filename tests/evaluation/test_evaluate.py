@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 from megatron_loopmdm.evaluation import extract_answer, gsm8k_exact_match
 from megatron_loopmdm.evaluation.lm_eval_adapter import LoopMDMEvalLM
-from megatron_loopmdm.inference import SamplerConfig
+from megatron_loopmdm.inference import LoopPolicy, SamplerConfig, generate
 
+import pytest
 import torch
 
 from tests.inference.tiny_model import sample_sequences, train_tiny_model, write_hf_model_with_data
@@ -81,3 +82,16 @@ def test_lm_eval_adapter_methods_on_a_local_task():
     texts = lm.generate_until([request("36", {"until": ["|"], "max_gen_toks": 6})])
     assert len(texts) == 1 and len(texts[0]) <= 6 and "|" not in texts[0]
     assert lm.loglikelihood([request("0123", "4567")]) == scores[:1]  # seeded: reproducible
+
+
+def test_lm_eval_adapter_takes_the_loop_warm_start_as_a_model_arg():
+    model, prompt = train_tiny_model(), [3, 6]
+    lm = LoopMDMEvalLM(model=model, tokenizer=DigitTokenizer(), gen_length=6, block_length=6,
+                       loop_threshold="0.05", max_loops="4", loop_warm_start="True")  # fmt: skip
+    [text] = lm.generate_until([SimpleNamespace(args=("36", {"max_gen_toks": 6}))])
+    config = SamplerConfig(gen_length=6, steps=6, block_length=6, loop_warm_start=True,
+                           loops=LoopPolicy(threshold=0.05, max_loops=4))  # fmt: skip
+    want = generate(model, [prompt], config, generator=torch.Generator().manual_seed(0))
+    assert text == DigitTokenizer().detokenize(want.generated[0].tolist())
+    with pytest.raises(ValueError, match="give true or false"):
+        LoopMDMEvalLM(model=model, tokenizer=DigitTokenizer(), loop_warm_start="maybe")

@@ -40,9 +40,10 @@ def test_speed_flags_reach_the_sampler(tmp_path, data):
     plain, plain_texts = _exact_match(data, tmp_path / "plain")
     checked, checked_texts = _exact_match(data, tmp_path / "step", "--cache", "prefix",
                                           "--cache-refresh", "step")  # fmt: skip
-    fast, _ = _exact_match(data, tmp_path / "fast", "--threshold", "1e-9")
+    fast, _ = _exact_match(data, tmp_path / "fast", "--threshold", "1e-9", "--loop-warm-start")
     settings = (checked["cache"], checked["cache_refresh"], fast["threshold"])
     assert settings == ("prefix", "step", 1e-9)
+    assert (plain["loop_warm_start"], fast["loop_warm_start"]) == (False, True)
     # A cache refreshed before every step gives the uncached tokens, at two passes per step.
     assert checked_texts == plain_texts
     [plain_cost], [checked_cost], [fast_cost] = plain["policy"], checked["policy"], fast["policy"]
@@ -51,11 +52,12 @@ def test_speed_flags_reach_the_sampler(tmp_path, data):
     assert fast_cost["pass_loop_evaluations"] < plain_cost["pass_loop_evaluations"]
 
 
-def test_speed_flags_without_a_gen_length_are_a_clear_error(tmp_path, data):
+@pytest.mark.parametrize("flag", [["--cache", "prefix"], ["--loop-warm-start"]])
+def test_speed_flags_without_a_gen_length_are_a_clear_error(tmp_path, data, flag):
     model, jsonl = data
     result = subprocess.run(
         [sys.executable, "tools/evaluate.py", "exact-match", "--load", model, "--data", jsonl,
-         "--cache", "prefix", "--output-dir", tmp_path],
+         *flag, "--output-dir", tmp_path],
         capture_output=True, text=True, cwd=REPO, env=OFFLINE, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1 and "need --gen-length" in result.stderr
