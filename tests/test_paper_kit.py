@@ -111,3 +111,14 @@ def test_scale_flag_selects_a_named_scale_and_refuses_unknown_ones(kit_modules, 
     with pytest.raises(SystemExit):
         kit.parse_args("t", ["--scale", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_compare_models_runs_a_subset_of_models_and_regimes(tmp_path, kit_modules):
+    argv = ["--smoke", "--seeds", "0", "--work-dir", str(tmp_path), "--models", "mdm", "deeper",
+            "--regimes", "equal steps"]  # fmt: skip
+    assert kit_modules["compare_models"].main(argv) == 0
+    rows = json.loads((tmp_path / "compare_models_per_seed.json").read_text())
+    assert sorted((r["model"], r["regime"]) for r in rows) == [("deeper", "equal steps"),
+                                                               ("mdm", "equal steps")]
+    # The LoopMDM sets the FLOPs budget, so it is trained even when not listed.
+    assert (tmp_path / "runs" / "loopmdm-seed0-steps3" / "run.json").is_file()

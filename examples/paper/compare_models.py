@@ -1,7 +1,8 @@
 """Same-size MDM vs LoopMDM vs a deeper MDM with the LoopMDM's per-step compute, at equal
 training steps and at equal training FLOPs, on the reasoning suite (CPU scale).
 
-    python examples/paper/compare_models.py [--smoke] [--work-dir runs/paper] [--seeds 0 1]
+    python examples/paper/compare_models.py [--smoke] [--work-dir runs/paper] [--seeds 0 1] \
+        [--models mdm loopmdm deeper] [--regimes "equal steps" "equal FLOPs"]
 
 Models: `mdm` (L layers, no loop), `loopmdm` (the same L layers, the size's span looped,
 S ~ U{1..S_max}), `deeper` (prelude + S_max x loop + coda layers, no loop: the LoopMDM's
@@ -23,15 +24,27 @@ def specs(scale):
     ]
 
 
+MODELS = ("mdm", "loopmdm", "deeper")
+REGIMES = ("equal steps", "equal FLOPs")
+
+
+def _arguments(parser):
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="a subset of the models (the LoopMDM is trained in any case)")
+    parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+
+
 def main(argv=None) -> int:
-    args = kit.parse_args(__doc__.splitlines()[0], argv)
+    args = kit.parse_args(__doc__.splitlines()[0], argv, _arguments)
     scale, work = args.scale, args.work_dir
     paths = kit.prepare_data(work, scale)
     rows = []
     for seed in scale.seeds:
         loop = kit.train(specs(scale)[1], scale, paths, work, seed, scale.steps)
         for spec in specs(scale):
-            for regime in ("equal steps", "equal FLOPs"):
+            if spec.name not in args.models:
+                continue
+            for regime in args.regimes:
                 steps = scale.steps
                 if regime == "equal FLOPs" and spec.name != "loopmdm":
                     per_step = kit.step_flops(spec, scale, paths)

@@ -101,8 +101,11 @@ class ModelSpec:
     """Extra `LoopMDMConfig` fields (loop_input_injection, loop_embedding)."""
 
 
-def parse_args(description: str, argv=None):
+def parse_args(description: str, argv=None, add_arguments=None):
+    """The scripts' shared flags; `add_arguments(parser)` adds a script's own."""
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                         help="sizes of every experiment (see SCALES)")
     parser.add_argument("--smoke", action="store_true", help="--scale smoke: a tiny run")
