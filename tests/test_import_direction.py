@@ -51,3 +51,15 @@ def test_nothing_below_training_imports_it():
 def test_checkpointing_imports_neither_training_nor_hf():
     forbidden = ("megatron_loopmdm.training", "megatron_loopmdm.hf", "megatron_loopmdm.inference")
     assert importers(["checkpointing"], forbidden) == {}
+
+
+def test_only_the_argument_modules_import_argparse():
+    """The library takes typed configs; a parsed namespace exists only in the command-line
+    modules (`training/arguments.py` for pretrain_loopmdm.py, `inference/arguments.py` for the
+    sampling tools)."""
+    users = {
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if "argparse" in imported_modules(path.read_text())
+    }
+    assert users == {"training/arguments.py", "inference/arguments.py"}

@@ -34,8 +34,11 @@ from pathlib import Path
 
 import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
 from megatron_loopmdm.evaluation.report import format_table, write_table_and_plot
-from megatron_loopmdm.inference.loops import add_loop_policy_arguments, loop_policy_from_args
-from megatron_loopmdm.inference.sampler import add_speed_arguments
+from megatron_loopmdm.inference.arguments import (
+    add_loop_policy_arguments,
+    add_speed_arguments,
+    loop_policy_from_args,
+)
 
 import torch
 

@@ -30,8 +30,11 @@ from pathlib import Path
 
 import megatron_loopmdm  # noqa: F401  (before torch/megatron imports)
 from megatron_loopmdm.inference import REMASKINGS, SCHEDULE_FILE, SamplerConfig, generate
-from megatron_loopmdm.inference.loops import add_loop_policy_arguments, loop_policy_from_args
-from megatron_loopmdm.inference.sampler import add_speed_arguments
+from megatron_loopmdm.inference.arguments import (
+    add_loop_policy_arguments,
+    add_speed_arguments,
+    loop_policy_from_args,
+)
 
 import torch
 

@@ -1,11 +1,9 @@
 """How many loops each denoising step runs: fixed S, a schedule, or adaptive by a stopping rule.
 
 `LoopPolicy` lives in `megatron_loopmdm/hf/loop_policy_loopmdm.py`, which the exported model
-carries; this module keeps its library import path and holds the loop-policy flags that
-`tools/generate.py`, `tools/evaluate.py exact-match` and `bench/adaptive_loops.py` share.
+carries; this module keeps its library import path (the command-line flags are in
+`inference/arguments.py`).
 """
-
-import argparse
 
 from megatron_loopmdm.hf.loop_policy_loopmdm import (
     GRANULARITIES,
@@ -23,51 +21,6 @@ __all__ = [
     "LoopPolicy",
     "SCHEDULE_FILE",
     "STOP_RULES",
-    "add_loop_policy_arguments",
-    "loop_policy_from_args",
     "read_loop_schedule",
     "write_loop_schedule",
 ]
-
-
-def add_loop_policy_arguments(parser: argparse.ArgumentParser, fixed: bool = True) -> None:
-    """The loop-policy flags (`fixed`: also `--num-loops S`)."""
-    group = parser.add_argument_group("loop policy")
-    modes = group.add_mutually_exclusive_group()
-    if fixed:
-        modes.add_argument("--num-loops", type=int, help="fixed S (default the model's S_max)")
-    modes.add_argument("--adaptive-loops", action="store_true",
-                       help="stop looping by --loop-stop (default: relative state change)")
-    modes.add_argument("--loop-schedule", help="S per part of the steps, e.g. 1,2,4,2")
-    modes.add_argument("--loop-budget", type=float, default=None,
-                       help="at most this many loop evaluations per generated token and sample")
-    group.add_argument("--loop-stop", choices=STOP_RULES, default="state",
-                       help="adaptive rule: state change, KL of predictions, argmax unchanged")
-    group.add_argument("--loop-per", choices=GRANULARITIES, default="batch",
-                       help="adaptive granularity: freeze converged samples or positions")
-    group.add_argument("--loop-threshold", type=float, default=0.01,
-                       help="state: relative change; kl: nats")
-    group.add_argument("--loop-patience", type=int, default=1,
-                       help="argmax: loops the prediction stays unchanged")
-    group.add_argument("--min-loops", type=int, default=1)
-    group.add_argument("--max-loops", type=int, default=None)
-    group.add_argument("--no-loop-schedule", action="store_true",
-                       help=f"ignore the model's calibrated {SCHEDULE_FILE}")  # fmt: skip
-
-
-def loop_policy_from_args(args, fixed: bool = True) -> LoopPolicy:
-    """The `LoopPolicy` of parsed `add_loop_policy_arguments` flags (ValueError if invalid).
-
-    `fixed`: the flags include `--num-loops S` (False where `--num-loops` is a list of S).
-    """
-    calibrated = not args.no_loop_schedule
-    if args.loop_schedule:
-        return LoopPolicy(schedule=LoopPolicy.parse_schedule(args.loop_schedule).schedule)
-    if args.adaptive_loops or args.loop_budget is not None:
-        threshold = None if args.loop_stop == "argmax" else args.loop_threshold
-        return LoopPolicy(
-            threshold=threshold, min_loops=args.min_loops, max_loops=args.max_loops,
-            stop=args.loop_stop, per=args.loop_per, patience=args.loop_patience,
-            budget=args.loop_budget,
-        )  # fmt: skip
-    return LoopPolicy(num_loops=args.num_loops if fixed else None, calibrated=calibrated)

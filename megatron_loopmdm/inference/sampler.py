@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "add_speed_arguments",
     "CACHES",
     "CACHE_REFRESHES",
     "REMASKINGS",
@@ -70,19 +69,3 @@ def generate(
         model, prompts, config, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
         generator=generator, flops_per_token=flops_per_token,
     )  # fmt: skip
-
-
-def add_speed_arguments(parser) -> None:
-    """The sampler's speed flags (parallel decoding, key/value caches, loop warm start) that
-    tools/generate.py and tools/evaluate.py exact-match share."""
-    parallel = parser.add_mutually_exclusive_group()
-    parallel.add_argument("--threshold", type=float, default=None,
-                          help="parallel decoding: commit every token with confidence >= this")
-    parallel.add_argument("--factor", type=float, default=None,
-                          help="parallel decoding by Fast-dLLM's factor rule")
-    parser.add_argument("--cache", choices=CACHES, default="none",
-                        help="key/value cache of every layer and loop")
-    parser.add_argument("--cache-refresh", choices=CACHE_REFRESHES, default="block")
-    parser.add_argument("--loop-warm-start", action="store_true",
-                        help="start each step's loop block from the previous step's loop state "
-                        "where the token did not change (adaptive loops stop earlier)")
