@@ -6,7 +6,7 @@ and every other section of the run's `RunConfig` (optimization, backend, data, c
 logging, training). Tools read the parameter dtype and the tokenizer back from it.
 `read_run_config` reads every version, and checkpoints written before it existed, whose extra
 state held only the saved flags (`args`, a dict of the parsed command line) or the converters'
-subset of them.
+subset of them. Converters write a partial tree (`conversion_run_config_json`).
 """
 
 import dataclasses
@@ -38,6 +38,22 @@ def run_config_json(configs: dict) -> str:
     assert tree["training"]["params_dtype"] in DTYPE_NAMES, tree["training"]
     assert {"tokenizer_type", "tokenizer_model"} <= tree["data"].keys(), tree["data"]
     tree["version"] = RUN_CONFIG_VERSION
+    return json.dumps(tree, sort_keys=True)
+
+
+def conversion_run_config_json(
+    params_dtype: str, tokenizer_type, tokenizer_model, conversion: dict
+) -> str:
+    """The `run_config` of a checkpoint written by a converter (HF -> megatron, AR import): no
+    run made it, so it holds only `training.params_dtype`, the tokenizer in `data` and
+    `conversion` (where the weights came from and what the converter chose)."""
+    assert params_dtype in DTYPE_NAMES, params_dtype
+    tree = {
+        "version": RUN_CONFIG_VERSION,
+        "training": {"params_dtype": params_dtype},
+        "data": {"tokenizer_type": tokenizer_type, "tokenizer_model": tokenizer_model},
+        "conversion": conversion,
+    }
     return json.dumps(tree, sort_keys=True)
 
 

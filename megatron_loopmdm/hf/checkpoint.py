@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_loopmdm.checkpointing import dist_checkpoint as ckpt
-from megatron_loopmdm.checkpointing.run_config import read_run_config
+from megatron_loopmdm.checkpointing.run_config import (
+    conversion_run_config_json,
+    read_run_config,
+)
 from megatron_loopmdm.distributed.parallel import ParallelConfig, single_process_group
 from megatron_loopmdm.hf import mapping
 from megatron_loopmdm.hf.configuration_loopmdm import LoopMDMConfig
@@ -276,14 +279,12 @@ def convert_hf_to_checkpoint(load, save, iteration: int = 0) -> Path:
     extra = mapping.extra_from_hf_config(config)
     dtype = next(hf_model.parameters()).dtype
     tokenizer = any((Path(load) / n).is_file() for n in TOKENIZER_FILES)
-    extra["args"] = {
-        "converted_from": str(Path(load).resolve()),
-        "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16,
-        "tokenizer_type": "HuggingFaceTokenizer" if tokenizer else None,
-        "tokenizer_model": str(Path(load).resolve()) if tokenizer else None,
-        "mask_token_id": config.mask_token_id,
-    }
+    extra["run_config"] = conversion_run_config_json(
+        str(dtype).removeprefix("torch."),
+        "HuggingFaceTokenizer" if tokenizer else None,
+        str(Path(load).resolve()) if tokenizer else None,
+        {"converted_from": str(Path(load).resolve()), "mask_token_id": config.mask_token_id},
+    )
     tensors = mapping.hf_to_megatron(hf_model.state_dict(), config)
     return save_weights_as_checkpoint(extra, tensors, save, iteration, dtype)
 

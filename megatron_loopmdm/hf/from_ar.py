@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from megatron_loopmdm.checkpointing.run_config import conversion_run_config_json
 from megatron_loopmdm.hf.checkpoint import (
     TOKENIZER_FILES,
     ConversionError,
@@ -316,13 +317,13 @@ def import_ar_model(
     if tokenizer is not None:
         tokenizer_dir = (save / TOKENIZER_DIR).resolve()
         tokenizer.save_pretrained(tokenizer_dir)
-    extra["args"] = {
-        "converted_from": str(load.resolve()),
-        "tokenizer_type": "HuggingFaceTokenizer" if tokenizer_dir else None,
-        "tokenizer_model": str(tokenizer_dir) if tokenizer_dir else None,
-        "mask_token_id": mask_id,
-        "imported_layers": layers,
-    }
+    extra["run_config"] = conversion_run_config_json(
+        "float32",  # save_weights_as_checkpoint's default dtype
+        "HuggingFaceTokenizer" if tokenizer_dir else None,
+        str(tokenizer_dir) if tokenizer_dir else None,
+        {"converted_from": str(load.resolve()), "mask_token_id": mask_id,
+         "imported_layers": layers},
+    )  # fmt: skip
     directory = save_weights_as_checkpoint(extra, tensors, save, iteration)
     (save / FLAGS_FILE).write_text(" ".join(pretrain_flags(extra, tokenizer_dir)) + "\n")
     return directory

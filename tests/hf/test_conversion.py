@@ -173,7 +173,10 @@ def test_round_trip_gives_bit_identical_weights(trained, round_trips, layout):
     for key in ("model_size", "loop_config", "model_config"):
         assert extra[key].keys() == saved[key].keys()
     assert extra["model_config"] == saved["model_config"]
-    assert "args" in extra and ckpt.latest_iteration(round_trips[layout]) == 0
+    conversion = json.loads(extra["run_config"])
+    assert conversion["conversion"]["converted_from"] and "args" not in extra
+    assert conversion["training"]["params_dtype"] == "float32"
+    assert ckpt.latest_iteration(round_trips[layout]) == 0
 
 
 NO_MEGATRON = """
