@@ -75,3 +75,25 @@ def record_cases() -> None:  # pragma: no cover  (run once with the old code)
 
 if __name__ == "__main__":  # pragma: no cover
     record_cases()
+
+
+EXPORT_PROMPTS = [[0, 1, 2, 3], [4, 5, 6, 7]]
+EXPORT_MASK = [[0, 1, 1, 1], [1, 1, 1, 1]]  # row 0 left-padded by one token
+
+
+def run_export_alone(model, script: str, tmp_path):
+    """Exports `model`, runs `script` on it with megatron_loopmdm not importable (argv: the HF
+    dir, a file of (prompts, attention mask), the output file); -> what the script saved."""
+    from megatron_loopmdm.hf.checkpoint import write_hf_directory
+
+    import torch
+
+    from tests.utils import run_without_megatron
+
+    write_hf_directory(model, tmp_path / "hf")
+    torch.save((torch.tensor(EXPORT_PROMPTS), torch.tensor(EXPORT_MASK)), tmp_path / "in.pt")
+    run = run_without_megatron(
+        script, [tmp_path / "hf", tmp_path / "in.pt", tmp_path / "out.pt"], tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")

@@ -2,7 +2,6 @@
 
 import json
 
-from megatron_loopmdm.hf.checkpoint import write_hf_directory
 from megatron_loopmdm.inference import LoopPolicy, SamplerConfig, generate
 
 import pytest
@@ -14,10 +13,10 @@ from tests.inference.sampler_cases import (
     RECORD,
     diffusion_generate_cases,
     reference_model,
+    run_export_alone,
     sampler_cases,
 )
 from tests.inference.tiny_model import is_valid, sample_sequences, train_tiny_model
-from tests.utils import run_without_megatron
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +125,7 @@ torch.save(out, sys.argv[3])
 
 
 def test_exported_model_alone_runs_the_fast_paths(model, tmp_path):
-    write_hf_directory(model, tmp_path / "hf")
-    prompts = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    torch.save((prompts, mask), tmp_path / "in.pt")
-    run = run_without_megatron(
-        EXPORT_ONLY, [tmp_path / "hf", tmp_path / "in.pt", tmp_path / "out.pt"], tmp_path
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = run_export_alone(model, EXPORT_ONLY, tmp_path)
     ragged = [[1, 2, 3], [4, 5, 6, 7]]
     for name, fast in [("plain", {}), ("threshold_dual", dict(threshold=0.05, cache="dual")),
                        ("factor_prefix", dict(factor=2.0, cache="prefix"))]:  # fmt: skip

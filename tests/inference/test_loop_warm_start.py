@@ -9,14 +9,12 @@ loops in every pass.
 
 from megatron_loopmdm.hf import LoopMDMConfig, LoopMDMForMaskedDiffusion
 from megatron_loopmdm.hf.cache_loopmdm import LoopWarmStart
-from megatron_loopmdm.hf.checkpoint import write_hf_directory
 from megatron_loopmdm.inference import LoopPolicy, SamplerConfig, generate
 
 import pytest
 import torch
 
-from tests.inference.sampler_cases import PROMPTS
-from tests.utils import run_without_megatron
+from tests.inference.sampler_cases import PROMPTS, run_export_alone
 
 HIDDEN, MASK = 32, 31
 BASE = dict(gen_length=8, steps=8, block_length=4)
@@ -110,15 +108,7 @@ torch.save(out, sys.argv[3])
 
 
 def test_exported_model_alone_runs_the_warm_start(model, tmp_path):
-    write_hf_directory(model, tmp_path / "hf")
-    prompts = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    torch.save((prompts, mask), tmp_path / "in.pt")
-    run = run_without_megatron(
-        EXPORT_ONLY, [tmp_path / "hf", tmp_path / "in.pt", tmp_path / "out.pt"], tmp_path
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = run_export_alone(model, EXPORT_ONLY, tmp_path)
     policy = LoopPolicy(threshold=0.05, max_loops=8)
     for warm in (False, True):
         want = generate(model, [[1, 2, 3], [4, 5, 6, 7]],
