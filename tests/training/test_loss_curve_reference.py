@@ -17,6 +17,7 @@ this_file` adds this machine's curve (run it on the code before a refactor, neve
 re-record every machine only for an intended change of behaviour, saying why in the commit.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -40,6 +41,7 @@ CASES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def machine_fingerprint() -> str:
     """torch version, CPU capability and AVX-512/AMX flags: what decides the kernels' rounding."""
     probe = "import torch; print(torch.__version__, torch.backends.cpu.get_cpu_capability())"
