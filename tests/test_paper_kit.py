@@ -93,7 +93,8 @@ def test_cached_runs_and_data_made_at_another_scale_are_refused(tmp_path, kit_mo
     kit.train(spec, scale, paths, tmp_path, 0, 1)
     stored = json.loads((tmp_path / "runs" / "loopmdm-seed0-steps1" / "run.json").read_text())
     assert stored["scale"]["lr"] == scale.lr and stored["scale"]["hidden_size"] == 32
-    assert kit.train(spec, replace(scale, seeds=(5,)), paths, tmp_path, 0, 1) == stored  # reused
+    reused = kit.train(spec, replace(scale, seeds=(5,)), paths, tmp_path, 0, 1)
+    assert reused == {**stored, "dir": str(tmp_path / "runs" / "loopmdm-seed0-steps1" / "hf")}
     with pytest.raises(SystemExit, match="differs in: batch_size, lr"):
         kit.train(spec, replace(scale, lr=3e-3, batch_size=4), paths, tmp_path, 0, 1)
     with pytest.raises(SystemExit, match="differs in: levels"):
@@ -122,3 +123,21 @@ def test_compare_models_runs_a_subset_of_models_and_regimes(tmp_path, kit_module
                                                                ("mdm", "equal steps")]
     # The LoopMDM sets the FLOPs budget, so it is trained even when not listed.
     assert (tmp_path / "runs" / "loopmdm-seed0-steps3" / "run.json").is_file()
+
+
+def test_a_moved_work_directory_keeps_its_cached_runs(tmp_path, kit_modules):
+    """run.json stored the model's absolute path: a renamed work directory pointed every
+    cached run at a directory that no longer exists."""
+    from dataclasses import replace
+
+    from megatron_loopmdm.hf import load_for_inference
+
+    kit = sys.modules["kit"]
+    scale = replace(kit.SCALES["smoke"], steps=1)
+    spec = kit.ModelSpec("loopmdm", scale.num_layers, scale.loop_layers, scale.max_loops)
+    first = kit.train(spec, scale, kit.prepare_data(tmp_path / "a", scale), tmp_path / "a", 0, 1)
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = kit.train(spec, scale, kit.prepare_data(tmp_path / "b", scale), tmp_path / "b", 0, 1)
+    assert moved["seconds"] == first["seconds"]  # the cached run, not a new training
+    assert moved["dir"] == str(tmp_path / "b" / "runs" / "loopmdm-seed0-steps1" / "hf")
+    assert load_for_inference(moved["dir"]).config.max_loops == scale.max_loops

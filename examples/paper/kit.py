@@ -237,7 +237,7 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         check_cached_scale(run_dir, record.get("scale"), training_scale(scale))
-        return record
+        return _with_model_dir(record, run_dir)
     if scale.trainer == "pretrain_loopmdm":
         return _train_with_pretrain_loopmdm(spec, scale, paths, run_dir, seed, steps)
     tokenizer = _tokenizer(paths)
@@ -271,13 +271,20 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         losses.append(float(loss))
     write_hf_directory(model.eval(), run_dir / "hf", paths["tokenizer"])
     record = {
-        "name": spec.name, "seed": seed, "steps": steps, "dir": str(run_dir / "hf"),
+        "name": spec.name, "seed": seed, "steps": steps, "dir": "hf",
         "train_flops": steps * train_flops_per_step(config, scale, seq_length),
         "seconds": time.perf_counter() - start, "final_loss": sum(losses[-20:]) / 20,
         "spec": asdict(spec), "seq_length": seq_length, "scale": training_scale(scale),
     }  # fmt: skip
     record_path.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    return _with_model_dir(record, run_dir)
+
+
+def _with_model_dir(record: Dict, run_dir: Path) -> Dict:
+    """run.json stores the model directory relative to the run (older records stored it
+    absolute): the record returned points at the model where the run is now, so a work
+    directory can be moved or copied without breaking its cache."""
+    return {**record, "dir": str(run_dir / "hf")}
 
 
 def _run(cmd: List[str]) -> None:
@@ -327,13 +334,13 @@ def _train_with_pretrain_loopmdm(spec, scale, paths, run_dir: Path, seed: int, s
           run_dir / "ckpt", "--save", run_dir / "hf", "--tokenizer", paths["tokenizer"]])
     config = model_config(spec, scale, _tokenizer(paths))
     record = {
-        "name": spec.name, "seed": seed, "steps": steps, "dir": str(run_dir / "hf"),
+        "name": spec.name, "seed": seed, "steps": steps, "dir": "hf",
         "train_flops": steps * train_flops_per_step(config, scale, sequence_length(paths)),
         "seconds": time.perf_counter() - start, "spec": asdict(spec), "trainer": scale.trainer,
         "scale": training_scale(scale),
     }  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    return _with_model_dir(record, run_dir)
 
 
 def _evaluate_tool():
