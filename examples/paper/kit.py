@@ -276,7 +276,12 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         "seconds": time.perf_counter() - start, "final_loss": sum(losses[-20:]) / 20,
         "spec": asdict(spec), "seq_length": seq_length, "scale": training_scale(scale),
     }  # fmt: skip
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return _save_record(record, run_dir)
+
+
+def _save_record(record: Dict, run_dir: Path) -> Dict:
+    """Writes run.json and returns the record the caller uses."""
+    (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return _with_model_dir(record, run_dir)
 
 
@@ -339,8 +344,7 @@ def _train_with_pretrain_loopmdm(spec, scale, paths, run_dir: Path, seed: int, s
         "seconds": time.perf_counter() - start, "spec": asdict(spec), "trainer": scale.trainer,
         "scale": training_scale(scale),
     }  # fmt: skip
-    (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
-    return _with_model_dir(record, run_dir)
+    return _save_record(record, run_dir)
 
 
 def _evaluate_tool():
