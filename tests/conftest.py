@@ -56,3 +56,35 @@ def megatron_single_process():
     yield
     # Left initialised for the rest of the session: megatron's groups are process-global.
     assert torch.distributed.is_initialized()
+
+
+def _cpu_seconds():
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With LOOPMDM_TEST_PROFILE=DIR, appends each test's wall time and CPU time (its own and
+    that of the processes it started and waited for) to DIR/<worker>.jsonl: CPU seconds, unlike
+    durations, barely move with machine load, so they show where the suite's time goes."""
+    directory = os.environ.get("LOOPMDM_TEST_PROFILE")
+    if not directory:
+        yield
+        return
+    import json
+    import time
+
+    start, (own, children) = time.perf_counter(), _cpu_seconds()
+    yield
+    end, (own_end, children_end) = time.perf_counter(), _cpu_seconds()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{worker}.jsonl"), "a") as out:
+        record = {"test": item.nodeid, "wall": round(end - start, 3),
+                  "cpu_self": round(own_end - own, 3),
+                  "cpu_children": round(children_end - children, 3)}  # fmt: skip
+        out.write(json.dumps(record) + "\n")
