@@ -96,7 +96,8 @@ def test_intermediate_term_trains_the_loop_layers_like_the_hand_computation():
 
 def test_one_loop_adds_nothing_and_eval_mode_never_adds_the_term():
     data = batch()
-    weighted, plain = make_model(), make_model(dataclasses.replace(LOOP, intermediate_loss_weight=0))
+    weighted = make_model()
+    plain = make_model(dataclasses.replace(LOOP, intermediate_loss_weight=0))
     loss_sum, _, report = training_step_loss(weighted, data, num_loops=1)
     plain_sum, _, plain_report = training_step_loss(plain, data, num_loops=1)
     assert torch.equal(loss_sum, plain_sum)
