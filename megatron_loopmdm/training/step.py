@@ -7,7 +7,9 @@ A batch with `response_mask` [b, s] (supervised fine-tuning, `megatron_loopmdm.d
 masked and scored on its response tokens only (`diffusion.loss.sft_loss_positions`).
 The loss is summed per micro-batch and normalised by the number of tokens of the whole global
 batch (megatron's per-token loss), so any split into micro-batches and data-parallel replicas
-gives the same loss and gradients.
+gives the same loss and gradients. With `LoopConfig.intermediate_loss_weight` > 0 the model in
+training mode also returns the intermediate loops' weighted per-token CE, which the loss scores
+with the same masks and adds (reported apart from the final loop's NELBO).
 """
 
 import math
@@ -46,13 +48,13 @@ def _loss_func(mask, p_mask, valid, output_tensor):
     by_t[0].index_add_(0, bucket, per_sample.detach())
     by_t[1].index_add_(0, bucket, tokens_per_sample.float())
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    reports = {"nelbo": report, "nelbo_by_t": by_t}
+    reported = {"nelbo": report, "nelbo_by_t": by_t}
     if loop_ce is not None:
         # The NELBO is linear in the per-token CE: this is W x the loops' mean NELBO numerator.
         loop_sum = masked_diffusion_loss_per_sample(loop_ce, mask, p_mask).sum()
-        reports["intermediate_loss"] = torch.stack([loop_sum.detach(), num_tokens.float()])
+        reported["intermediate_loss"] = torch.stack([loop_sum.detach(), num_tokens.float()])
         loss_sum = loss_sum + loop_sum
-    return loss_sum, num_tokens, reports
+    return loss_sum, num_tokens, reported
 
 
 def _prepare(batch, diffusion: DiffusionConfig, seed: int):
