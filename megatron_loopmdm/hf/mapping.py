@@ -209,7 +209,9 @@ def extra_from_hf_config(config: LoopMDMConfig) -> dict:
             "input_injection": config.loop_input_injection,
             "loop_embedding": config.loop_embedding,
             "backprop_depth": None,
-            "state_noise": 0.0,  # training-only options: an HF model carries none
+            # Training-only options: an HF model carries none.
+            "state_noise": 0.0,
+            "intermediate_loss_weight": 0.0,
         },
         "model_config": {
             "vocab_size": config.vocab_size,

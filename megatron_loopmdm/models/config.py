@@ -46,6 +46,17 @@ class LoopConfig:
     state (before loop 1), so the loops learn to pull a perturbed state back. 0 turns it off;
     eval mode and inference never add noise. Drawn from torch's default generator."""
 
+    intermediate_loss_weight: float = 0.0
+    """Training only: the weight W of an extra loss on the intermediate loops. The training
+    loss becomes NELBO(final) + W * mean over loops i = 1..S-1 of NELBO(output after loop i),
+    where the output after loop i is the loop state after loop i passed through the coda
+    layers, final norm and output layer (the final output's head), scored with the same masks
+    and p_mask. S = 1 adds nothing; 0 turns it off (the loss is then bit-identical to a model
+    without the option). The reported NELBO stays the final loop's; eval mode and inference
+    never compute the term. Needs the loop block and the output layer on one pipeline stage
+    (pipeline-parallel size 1). Under `backprop_depth`, loops run without autograd still add
+    their term, which then trains the coda and head only."""
+
     def __post_init__(self):
         self.loop_layers = tuple(self.loop_layers)
         start, end = self.loop_layers
@@ -75,6 +86,11 @@ class LoopConfig:
                 f"state_noise={self.state_noise}: the noise standard deviation must be >= 0 "
                 "(0 turns it off)."
             )
+        if not self.intermediate_loss_weight >= 0.0:
+            raise ValueError(
+                f"intermediate_loss_weight={self.intermediate_loss_weight}: the weight of the "
+                "intermediate-loop loss must be >= 0 (0 turns it off)."
+            )
 
     @property
     def num_loop_layers(self) -> int:
@@ -90,12 +106,21 @@ class LoopConfig:
         loop = list(range(start, end))
         return list(range(start)) + loop * num_loops + list(range(end, num_layers))
 
-    def validate_for(self, num_layers: int) -> None:
-        """Checks that the looped span lies inside a model of `num_layers` layers."""
+    def validate_for(self, num_layers: int, pipeline_model_parallel_size: int = 1) -> None:
+        """Checks that the looped span lies inside a model of `num_layers` layers, and that the
+        options fit a model split over `pipeline_model_parallel_size` stages."""
         if self.loop_layers[1] > num_layers:
             raise ValueError(
                 f"loop_layers={self.loop_layers} reaches past the last layer of a "
                 f"{num_layers}-layer model; the end index must be <= {num_layers}."
+            )
+        if self.intermediate_loss_weight > 0 and pipeline_model_parallel_size > 1:
+            # The intermediate loops' outputs would need the coda and output layer of a later
+            # stage, and the pipeline schedules send one tensor per micro-batch.
+            raise ValueError(
+                f"intermediate_loss_weight={self.intermediate_loss_weight} needs the loop block "
+                "and the output layer on one pipeline stage: use --pipeline-model-parallel-size "
+                "1, or set --intermediate-loop-loss-weight 0."
             )
 
 

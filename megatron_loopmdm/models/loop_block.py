@@ -122,8 +122,15 @@ class LoopMDMBlock(MegatronModule):
             hidden_states = self._run_layer(layer, hidden_states, **kwargs)
         return hidden_states
 
-    def run_loops(self, hidden_states: Tensor, num_loops: int, **kwargs) -> Tensor:
-        """Runs the loop block `num_loops` times on [s, b, h] hidden states."""
+    def run_loops(
+        self, hidden_states: Tensor, num_loops: int, keep_intermediate: bool = False, **kwargs
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Runs the loop block `num_loops` times on [s, b, h] hidden states.
+
+        Returns:
+            The state after the last loop [s, b, h], and with `keep_intermediate` the states
+            after loops 1..num_loops-1 (each [s, b, h]; else an empty list).
+        """
         start, end = self.loop_slice
         loop_layers = self.layers[start:end]
         prelude_output = hidden_states
@@ -132,6 +139,7 @@ class LoopMDMBlock(MegatronModule):
         sigma = self.loop_config.state_noise
         if self.training and sigma > 0.0:
             hidden_states = hidden_states + sigma * torch.randn_like(hidden_states)
+        intermediate = []
         for i in range(num_loops):
             if i == first_tracked and i > 0:
                 # Cut the graph explicitly: megatron's layer can return a grad-requiring
@@ -144,6 +152,18 @@ class LoopMDMBlock(MegatronModule):
                     index = min(i, self.loop_config.max_loops - 1)
                     hidden_states = hidden_states + self.loop_embedding.weight[index]
                 hidden_states = self._run_layers(loop_layers, hidden_states, **kwargs)
+            if keep_intermediate and i < num_loops - 1:
+                # A state from a loop run without autograd gets no gradient (see above).
+                tracked = i >= first_tracked
+                intermediate.append(hidden_states if tracked else hidden_states.detach())
+        return hidden_states, intermediate
+
+    def _head_input(self, hidden_states: Tensor, **kwargs) -> Tensor:
+        """The coda layers of this stage and, on the last stage, the final norm."""
+        _, end = self.loop_slice
+        hidden_states = self._run_layers(self.layers[end:], hidden_states, **kwargs)
+        if self.post_process:
+            hidden_states = self.final_layernorm(hidden_states)
         return hidden_states
 
     def forward(
@@ -152,22 +172,37 @@ class LoopMDMBlock(MegatronModule):
         attention_mask: Optional[Tensor] = None,
         rotary_pos_emb: Optional[Tensor] = None,
         num_loops: int = 1,
-    ) -> Tensor:
-        """[s, b, h] -> [s, b, h] (s is the local slice under sequence parallelism)."""
+        with_intermediate: bool = False,
+    ):
+        """[s, b, h] -> [s, b, h] (s is the local slice under sequence parallelism).
+
+        With `with_intermediate` (the intermediate-loop loss; the stage must hold both the loop
+        block and the final norm), returns `(output, intermediate)`: `intermediate` holds, for
+        each of loops 1..num_loops-1, the loop state after that loop passed through the coda
+        layers and the final norm like the final output ([s, b, h] each; empty when S = 1).
+        """
         if num_loops < 1:
             raise ValueError(f"num_loops={num_loops}: run the loop block at least once.")
+        assert not with_intermediate or (self.holds_loop and self.post_process), (
+            "intermediate loop outputs need the loop block and the final norm on one stage; "
+            "LoopConfig.validate_for refuses the option under pipeline parallelism"
+        )
         if not self.pre_process:
             hidden_states = self.input_tensor
         kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
-        start, end = self.loop_slice
+        start, _ = self.loop_slice
         hidden_states = self._run_layers(self.layers[:start], hidden_states, **kwargs)
+        intermediate = []
         if self.holds_loop:
-            hidden_states = self.run_loops(hidden_states, num_loops, **kwargs)
-        hidden_states = self._run_layers(self.layers[end:], hidden_states, **kwargs)
-        if self.post_process:
-            hidden_states = self.final_layernorm(hidden_states)
+            hidden_states, intermediate = self.run_loops(
+                hidden_states, num_loops, keep_intermediate=with_intermediate, **kwargs
+            )
+        hidden_states = self._head_input(hidden_states, **kwargs)
         # Pipeline p2p sends need a tensor that does not view another's storage.
-        return make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+        hidden_states = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+        if not with_intermediate:
+            return hidden_states
+        return hidden_states, [self._head_input(h, **kwargs) for h in intermediate]
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None

@@ -50,7 +50,7 @@ class LoopMDMModel(LanguageModule):
         init_seed: Optional[int] = None,
     ):
         super().__init__(config=config)
-        loop_config.validate_for(config.num_layers)
+        loop_config.validate_for(config.num_layers, config.pipeline_model_parallel_size)
         self.loop_config = loop_config
         self.model_config = model_config
         self.pre_process = pre_process
@@ -132,7 +132,7 @@ class LoopMDMModel(LanguageModule):
         attention_mask: Optional[Tensor] = None,
         num_loops: Optional[int] = None,
         labels: Optional[Tensor] = None,
-    ) -> Tensor:
+    ):
         """Runs this stage.
 
         Args:
@@ -145,9 +145,16 @@ class LoopMDMModel(LanguageModule):
         Returns:
             On a non-last stage, the hidden states [s, b, h]. On the last stage, the per-token
             cross entropy [b, s] fp32 when `labels` is given, else the logits [b, s, v] (split
-            over tensor-parallel ranks when `parallel_output`).
+            over tensor-parallel ranks when `parallel_output`). In training mode with `labels`
+            and `LoopConfig.intermediate_loss_weight` W > 0, the pair `(token_ce, loop_ce)`:
+            `loop_ce` [b, s] fp32 is W times the mean over loops 1..S-1 of the per-token cross
+            entropy of the output after that loop (zeros when S = 1), for the loss to score
+            with the same masks as `token_ce` (`training.step`).
         """
         num_loops = self.loop_config.max_loops if num_loops is None else num_loops
+        with_intermediate = (
+            self.training and labels is not None and self.loop_config.intermediate_loss_weight > 0
+        )
         hidden_states = None
         if self.pre_process:
             # [b, s] -> [s, b, h]
@@ -155,14 +162,26 @@ class LoopMDMModel(LanguageModule):
         rotary_pos_emb = None
         if self.position_embedding_type == "rope":
             rotary_pos_emb = self.rotary_pos_emb(input_ids.size(1))
-        hidden_states = self.decoder(
+        output = self.decoder(
             hidden_states,
             attention_mask=attention_mask,
             rotary_pos_emb=rotary_pos_emb,
             num_loops=num_loops,
+            with_intermediate=with_intermediate,
         )
         if not self.post_process:
-            return hidden_states
+            return output
+        hidden_states, intermediate = output if with_intermediate else (output, None)
+        logits = self._logits(hidden_states)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
+        token_ce = self.compute_language_model_loss(labels, logits)
+        if not with_intermediate:
+            return token_ce
+        return token_ce, self._intermediate_loop_ce(intermediate, labels, token_ce)
+
+    def _logits(self, hidden_states: Tensor) -> Tensor:
+        """The output layer on final-norm outputs: [s, b, h] -> [s, b, v_local] logits."""
         weight = (
             self.shared_embedding_or_output_weight()
             if self.share_embeddings_and_output_weights
@@ -172,10 +191,15 @@ class LoopMDMModel(LanguageModule):
         if self.model_config.shift_logits:
             # [s, b, v]: position i takes position i - 1's prediction of its next token.
             logits = torch.cat([logits[:1], logits[:-1]], dim=0)
-        logits = self._suppress_mask_logit(logits)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
-        return self.compute_language_model_loss(labels, logits)
+        return self._suppress_mask_logit(logits)
+
+    def _intermediate_loop_ce(self, states: list, labels: Tensor, token_ce: Tensor) -> Tensor:
+        """W x the mean over the intermediate loops' head inputs ([s, b, h] each) of their
+        per-token cross entropy: [b, s] fp32, zeros when there are none (S = 1)."""
+        if not states:
+            return torch.zeros_like(token_ce)
+        ce = [self.compute_language_model_loss(labels, self._logits(h)) for h in states]
+        return self.loop_config.intermediate_loss_weight * torch.stack(ce).mean(0)
 
 
 def _rotary_embedding(config: TransformerConfig, model_config: LoopMDMModelConfig):

@@ -94,11 +94,12 @@ def layout_string(layers_per_stage: list[int]) -> str:
 
 
 def validate_pipeline_layout(config: TransformerConfig, loop_config: LoopConfig) -> None:
-    """Raises a ValueError when a pipeline stage boundary cuts the loop block.
+    """Raises a ValueError when a pipeline stage boundary cuts the loop block (or the loop
+    options need one stage: `LoopConfig.validate_for`).
 
     The message names each stage's layers and proposes a layout that works.
     """
-    loop_config.validate_for(config.num_layers)
+    loop_config.validate_for(config.num_layers, config.pipeline_model_parallel_size)
     if config.pipeline_model_parallel_size == 1:
         return
     start, end = loop_config.loop_layers

@@ -240,6 +240,14 @@ def _loop_and_diffusion_args(parser):
         metavar="SIGMA",
         help="training only: Gaussian noise (std SIGMA) on the loop block's input state",
     )
+    group.add_argument(
+        "--intermediate-loop-loss-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="training only: add W x the mean NELBO of the outputs after loops 1..S-1 to the "
+        "loss (0: off; needs --pipeline-model-parallel-size 1)",
+    )
     group = parser.add_argument_group("diffusion")
     group.add_argument("--mask-token-id", type=int, help="default: the tokenizer's mask token")
     group.add_argument("--time-eps", type=float, default=1e-3)
@@ -346,6 +354,16 @@ def _check_parallel(args, world_size: int, errors: list) -> int:
     return parallel.data_parallel_size()
 
 
+def _check_loop_layout(args, errors: list) -> None:
+    """Adds what the loop options refuse under the pipeline layout (`LoopConfig.validate_for`)."""
+    try:
+        size = model_size_from_args(args)
+        loop = loop_config_from_args(args, size)
+        loop.validate_for(size.num_layers, args.pipeline_model_parallel_size)
+    except ValueError as error:
+        errors.append(str(error))
+
+
 def _check_across_sections(args, errors: list) -> None:
     """The rules that join flags of two config sections, or the file system."""
     _check(not (args.bf16 and args.fp16), "Choose one of --bf16 and --fp16.", errors)
@@ -369,6 +387,7 @@ def _check_across_sections(args, errors: list) -> None:
         "--seq-length.",
         errors,
     )
+    _check_loop_layout(args, errors)
     _check(
         not args.sft or args.random_length_prob == 0,
         "--random-length-prob would cut SFT responses; drop it with --sft.",
@@ -494,6 +513,7 @@ def loop_config_from_args(args, size: ModelSize) -> LoopConfig:
         loop_embedding=args.loop_embedding,
         backprop_depth=args.loop_backprop_depth,
         state_noise=args.loop_state_noise,
+        intermediate_loss_weight=args.intermediate_loop_loss_weight,
     )
 
 

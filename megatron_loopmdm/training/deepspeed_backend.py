@@ -46,7 +46,7 @@ from typing import Callable, Optional
 from megatron_loopmdm.checkpointing.dist_checkpoint import DEEPSPEED_LATEST_FILE
 from megatron_loopmdm.distributed.parallel import ParallelConfig
 from megatron_loopmdm.training.deepspeed_config import zero_stage
-from megatron_loopmdm.training.step import StepResult, sum_reports
+from megatron_loopmdm.training.step import StepResult, reduce_intermediate_loss, sum_reports
 
 import torch
 from megatron.core import parallel_state
@@ -336,6 +336,7 @@ class DeepSpeedTrainer:
         loss_by_t = None
         if all("nelbo_by_t" in r for r in reports):
             loss_by_t = sum_reports(reports, "nelbo_by_t")
+        intermediate_loss = reduce_intermediate_loss(reports)
         engine.step()  # the accumulation boundary: clip and update (skipped if not finite)
         applied = bool(engine.was_step_applied())
         grad_norm = engine.get_global_grad_norm() if applied else None
@@ -344,6 +345,7 @@ class DeepSpeedTrainer:
             grad_norm=None if grad_norm is None else float(grad_norm),
             update_successful=applied,
             loss_by_t=loss_by_t,
+            intermediate_loss=intermediate_loss,
         )
 
     def _count_tokens_first(self, data_iterator, num_microbatches: int, num_tokens_func):

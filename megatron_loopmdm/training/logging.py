@@ -35,6 +35,7 @@ class IntervalStats:
     losses: list = field(default_factory=list)
     loops: list = field(default_factory=list)
     grad_norms: list = field(default_factory=list)
+    intermediate_losses: list = field(default_factory=list)
     by_t: Optional[torch.Tensor] = None
     tokens: int = 0
     flops: float = 0.0
@@ -86,26 +87,27 @@ class TrainingLogger:
         """Adds one step's results (`result` is a `training.step.StepResult`)."""
         stats = self.stats
         by_t = result.loss_by_t
+        intermediate = result.intermediate_loss  # with --intermediate-loop-loss-weight only
         if self.metrics is not None:
             grad_norm = None if result.grad_norm is None else float(result.grad_norm)
-            self.metrics.write(
-                json.dumps(
-                    {
-                        "iteration": iteration,
-                        "loss": result.loss,
-                        "grad_norm": grad_norm,
-                        "num_loops": num_loops,
-                        "learning_rate": learning_rate,
-                        "skipped": not result.update_successful,
-                    }
-                )
-                + "\n"
-            )
+            line = {
+                "iteration": iteration,
+                "loss": result.loss,
+                "grad_norm": grad_norm,
+                "num_loops": num_loops,
+                "learning_rate": learning_rate,
+                "skipped": not result.update_successful,
+            }
+            if intermediate is not None:
+                line["intermediate_loss"] = intermediate
+            self.metrics.write(json.dumps(line) + "\n")
             self.metrics.flush()
         if not result.update_successful:
             stats.skipped += 1
         elif result.loss is not None:
             stats.losses.append(result.loss)
+            if intermediate is not None:
+                stats.intermediate_losses.append(intermediate)
         stats.loops.append(num_loops)
         if result.grad_norm is not None and result.update_successful:
             stats.grad_norms.append(float(result.grad_norm))
@@ -131,6 +133,9 @@ class TrainingLogger:
         eta = per_iter * (self.train_iters - iteration)
         loss = sum(stats.losses) / len(stats.losses) if stats.losses else float("nan")
         grad_norm = sum(stats.grad_norms) / len(stats.grad_norms) if stats.grad_norms else 0.0
+        intermediate = None  # the term --intermediate-loop-loss-weight adds to the trained loss
+        if stats.intermediate_losses:
+            intermediate = sum(stats.intermediate_losses) / len(stats.intermediate_losses)
         tokens_per_s = stats.tokens / elapsed
         tflops = stats.flops / elapsed / self.world_size / 1e12
         line = (
@@ -138,7 +143,9 @@ class TrainingLogger:
             f"{self.train_iters:>8d} | consumed samples: {iteration * global_batch_size:>10d} | "
             f"elapsed time per iteration (ms): {per_iter * 1e3:.1f} | "
             f"learning rate: {learning_rate:.6E} | global batch size: {global_batch_size:>4d} | "
-            f"loss: {loss:.6E} | loops: {','.join(map(str, stats.loops))} | "
+            f"loss: {loss:.6E} | "
+            + ("" if intermediate is None else f"intermediate-loop term: {intermediate:.6E} | ")
+            + f"loops: {','.join(map(str, stats.loops))} | "
             f"grad norm: {grad_norm:.3f} | tokens/s: {tokens_per_s:.1f} | "
             f"TFLOP/s/device: {tflops:.4f} | number of skipped iterations: {stats.skipped:>3d} | "
             # Steps are skipped only for non-finite losses or gradients: the two counts agree.
@@ -148,6 +155,8 @@ class TrainingLogger:
         print_rank_last(line)
         if stats.losses:
             self.scalar("lm-loss", loss, iteration)
+        if intermediate is not None:
+            self.scalar("intermediate-loop-loss", intermediate, iteration)
         self.scalar("learning-rate", learning_rate, iteration)
         self.scalar("grad-norm", grad_norm, iteration)
         self.scalar("num-loops", sum(stats.loops) / max(steps, 1), iteration)

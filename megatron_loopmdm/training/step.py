@@ -7,7 +7,9 @@ A batch with `response_mask` [b, s] (supervised fine-tuning, `megatron_loopmdm.d
 masked and scored on its response tokens only (`diffusion.loss.sft_loss_positions`).
 The loss is summed per micro-batch and normalised by the number of tokens of the whole global
 batch (megatron's per-token loss), so any split into micro-batches and data-parallel replicas
-gives the same loss and gradients.
+gives the same loss and gradients. With `LoopConfig.intermediate_loss_weight` > 0 the model in
+training mode also returns the intermediate loops' weighted per-token CE, which the loss scores
+with the same masks and adds (reported apart from the final loop's NELBO).
 """
 
 import math
@@ -31,7 +33,11 @@ T_BUCKETS = 4  # the loss is also reported per quarter of t in [0, 1]
 
 
 def _loss_func(mask, p_mask, valid, output_tensor):
-    # output_tensor: [b, s] fp32 per-token cross entropy from the last stage.
+    # output_tensor: [b, s] fp32 per-token cross entropy from the last stage, or with the
+    # intermediate-loop loss the pair (that, W x the intermediate loops' mean CE [b, s]).
+    loop_ce = None
+    if isinstance(output_tensor, tuple):
+        output_tensor, loop_ce = output_tensor
     per_sample = masked_diffusion_loss_per_sample(output_tensor, mask, p_mask)  # [b]
     loss_sum = per_sample.sum()
     tokens_per_sample = valid.sum(1)
@@ -42,7 +48,13 @@ def _loss_func(mask, p_mask, valid, output_tensor):
     by_t[0].index_add_(0, bucket, per_sample.detach())
     by_t[1].index_add_(0, bucket, tokens_per_sample.float())
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum, num_tokens, {"nelbo": report, "nelbo_by_t": by_t}
+    reported = {"nelbo": report, "nelbo_by_t": by_t}
+    if loop_ce is not None:
+        # The NELBO is linear in the per-token CE: this is W x the loops' mean NELBO numerator.
+        loop_sum = masked_diffusion_loss_per_sample(loop_ce, mask, p_mask).sum()
+        reported["intermediate_loss"] = torch.stack([loop_sum.detach(), num_tokens.float()])
+        loss_sum = loss_sum + loop_sum
+    return loss_sum, num_tokens, reported
 
 
 def _prepare(batch, diffusion: DiffusionConfig, seed: int):
@@ -145,6 +157,11 @@ class StepResult:
     loss_by_t: Optional[torch.Tensor] = None
     """[2, T_BUCKETS]: NELBO numerator and token count per bucket of t (last stage only)."""
 
+    intermediate_loss: Optional[float] = None
+    """The intermediate-loop term added to the trained loss, per token: W x the mean over loops
+    1..S-1 of their NELBO (`LoopConfig.intermediate_loss_weight`; None when off or not the last
+    stage). The trained loss is `loss + intermediate_loss`."""
+
 
 def _all_finite(model_chunks: list, loss: Optional[float]) -> bool:
     """Whether the loss and every gradient on every rank are finite (one all-reduce)."""
@@ -193,10 +210,11 @@ def train_step(
         forward_only=False,
     )
     loss, by_t = reduce_loss(losses)
+    intermediate = reduce_intermediate_loss(losses)
     if not _all_finite(model_chunks, loss):
-        return StepResult(loss, None, False, by_t)
+        return StepResult(loss, None, False, by_t, intermediate)
     update_successful, grad_norm, _ = optimizer.step()
-    return StepResult(loss, grad_norm, update_successful, by_t)
+    return StepResult(loss, grad_norm, update_successful, by_t, intermediate)
 
 
 def sum_reports(reports: list, key: str) -> torch.Tensor:
@@ -215,3 +233,12 @@ def reduce_loss(losses: list) -> tuple[Optional[float], Optional[torch.Tensor]]:
     total = sum_reports(losses, "nelbo")
     by_t = sum_reports(losses, "nelbo_by_t")
     return (total[0] / total[1]).item(), by_t
+
+
+def reduce_intermediate_loss(reports: list) -> Optional[float]:
+    """The global batch's per-token intermediate-loop term from the loss functions' reports
+    (None when the model did not compute it, or off the last stage, where reports are empty)."""
+    if not reports or "intermediate_loss" not in reports[0]:
+        return None
+    total = sum_reports(reports, "intermediate_loss")
+    return (total[0] / total[1]).item()

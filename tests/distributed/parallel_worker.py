@@ -57,6 +57,7 @@ def main():
     parser.add_argument("--max-loops", type=int, default=3)
     parser.add_argument("--input-injection", default="none")
     parser.add_argument("--loop-embedding", action="store_true")
+    parser.add_argument("--intermediate-loop-loss-weight", type=float, default=0.0)
     parser.add_argument("--overlap-grad-reduce", action="store_true")
     parser.add_argument("--use-distributed-optimizer", action="store_true")
     parser.add_argument("--recompute", action="store_true")
@@ -84,6 +85,7 @@ def main():
         max_loops=args.max_loops,
         input_injection=args.input_injection,
         loop_embedding=args.loop_embedding,
+        intermediate_loss_weight=args.intermediate_loop_loss_weight,
     )
     model_config = LoopMDMModelConfig(VOCAB, SEQ, MASK_ID)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -135,6 +137,7 @@ def main():
                 "num_loops": num_loops,
                 "loss": result.loss,
                 "grad_norm": float(result.grad_norm),
+                "intermediate_loss": result.intermediate_loss,
             }
         )
     params = sum(p.numel() for chunk in chunks for p in chunk.parameters())

@@ -68,3 +68,16 @@ def test_model_parallel_ranks_hold_a_share_of_the_parameters(tmp_path, reference
     full = reference["plain"]["local_params_last_rank"]
     tp2 = run_worker(tmp_path, "tp2-params", 2, "--tp", "2", "--steps", "1")
     assert full / 2 < tp2["local_params_last_rank"] < full
+
+
+def test_intermediate_loop_loss_under_tensor_and_sequence_parallelism(tmp_path):
+    """The intermediate-loop term (per-token CE from megatron's vocab-parallel cross entropy on
+    each intermediate loop's head) and its gradients agree between TP=2 + SP and one process."""
+    flags = ["--intermediate-loop-loss-weight", "0.5", "--max-loops", "4"]
+    reference = run_worker(tmp_path, "intermediate", 1, *flags)
+    run = run_worker(tmp_path, "intermediate-tp2", 2, "--tp", "2", "--sequence-parallel", *flags)
+    assert_same_curve(run, reference)
+    terms = [s["intermediate_loss"] for s in reference["steps"]]
+    assert any(s["num_loops"] > 1 and term > 0 for s, term in zip(reference["steps"], terms))
+    for got, want in zip(run["steps"], reference["steps"]):
+        assert got["intermediate_loss"] == pytest.approx(want["intermediate_loss"], rel=RTOL)

@@ -100,3 +100,10 @@ def test_named_sizes_have_early_middle_loop_spans():
     for name, size in MODEL_SIZES.items():
         start, end = size.loop_layers
         assert 0 < start and end <= size.num_layers // 2 + 1, name
+
+
+def test_intermediate_loop_loss_is_refused_under_pipeline_parallelism():
+    loop = LoopConfig(loop_layers=(1, 3), max_loops=2, intermediate_loss_weight=0.5)
+    with pytest.raises(ValueError, match="use --pipeline-model-parallel-size 1"):
+        validate_pipeline_layout(config_for(4, 2), loop)
+    validate_pipeline_layout(config_for(4, 1), loop)

@@ -7,8 +7,10 @@ sequence parallelism (needs --tp 2); `+injection` concat input injection and a l
 (parameters tagged `sequence_parallel`; the adapter is unused when S=1); `+recompute` full
 (non-reentrant) activation recompute; `+bf16` bf16 parameters and DeepSpeed's bf16 mode;
 `+padded` a `loss_mask` that pads each sample differently (micro-batches count different
-tokens); `+mb2` micro-batches of 2 samples instead of 1; `+nan` NaN gradients at step 1.
-It writes per case and step: S, the global per-token loss and the gradient norm. With
+tokens); `+mb2` micro-batches of 2 samples instead of 1; `+nan` NaN gradients at step 1;
+`+loopterm` the intermediate-loop loss at weight `LOOP_TERM_WEIGHT`.
+It writes per case and step: S, the global per-token loss, the gradient norm and the
+intermediate-loop term (None without `+loopterm`). With
 `--save DIR --save-at N` the first case saves a DeepSpeed checkpoint before step N and carries
 on; `--load DIR` resumes.
 """
@@ -49,6 +51,7 @@ from tests.distributed.parallel_worker import MASK_ID, SEQ, VOCAB, global_batch 
 SEED = 1234
 INIT_SEED = 7
 LR = 1e-2
+LOOP_TERM_WEIGHT = 0.5
 
 
 def example_config(stage: int, bf16: bool) -> dict:
@@ -86,6 +89,7 @@ def build_trainer(args, stage: int, flags: list):
         max_loops=3,
         input_injection="concat" if injection else "none",
         loop_embedding=injection,
+        intermediate_loss_weight=LOOP_TERM_WEIGHT if "loopterm" in flags else 0.0,
     )
     set_seed(SEED)
     model = build_model_chunks(
@@ -170,7 +174,13 @@ def train(args, case: str, save: bool) -> list:
         )
         assert result.update_successful == ("nan" not in flags or step != 1), result
         records.append(
-            dict(step=step, num_loops=num_loops, loss=result.loss, grad_norm=result.grad_norm)
+            dict(
+                step=step,
+                num_loops=num_loops,
+                loss=result.loss,
+                grad_norm=result.grad_norm,
+                intermediate_loss=result.intermediate_loss,
+            )
         )
     trainer.engine.destroy()
     return records

@@ -108,6 +108,18 @@ def test_tensor_and_sequence_parallel_match_megatron_backend(tmp_path, reference
         assert_same_curve(result["runs"][case], want)
 
 
+def test_intermediate_loop_loss_at_dp2_matches_megatron_backend(tmp_path):
+    """ZeRO-2 at DP=2 with the intermediate-loop loss: the same loss, intermediate term (reduced
+    over the replicas) and grad norm as the megatron backend on one process."""
+    weight = ["--intermediate-loop-loss-weight", "0.5"]  # deepspeed_worker.LOOP_TERM_WEIGHT
+    want = run(tmp_path, REFERENCE_WORKER, "loopterm-reference", 1, *weight)["steps"]
+    steps = run(tmp_path, WORKER, "loopterm", 2, "--cases", "2+loopterm")["runs"]["2+loopterm"]
+    assert_same_curve(steps, want)
+    assert any(s["intermediate_loss"] > 0 for s in want)
+    for got, ref in zip(steps, want, strict=True):
+        assert got["intermediate_loss"] == pytest.approx(ref["intermediate_loss"], rel=RTOL)
+
+
 def test_resume_from_deepspeed_checkpoint_is_exact(tmp_path, data_parallel):
     uninterrupted, checkpoint = data_parallel
     assert (checkpoint / "latest").read_text().strip() == "iter_0000002"

@@ -230,6 +230,11 @@ BAD_FLAGS = [
     (["--lr-decay-style", "WSD"], "needs --lr-wsd-decay-iters"),
     (["--data-path", "corpus"], "--mock-data replaces --data-path"),
     (["--tensor-model-parallel-size", 3], "cannot be split"),
+    (["--intermediate-loop-loss-weight", -1], "intermediate_loss_weight=-1.0: the weight"),
+    (
+        ["--intermediate-loop-loss-weight", 1, "--pipeline-model-parallel-size", 2],
+        "use --pipeline-model-parallel-size 1, or set --intermediate-loop-loss-weight 0.",
+    ),
 ]
 
 
