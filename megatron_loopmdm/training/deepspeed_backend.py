@@ -65,7 +65,23 @@ def import_deepspeed():
             "`pip install deepspeed==0.19.8` (`make install` installs it), or train without "
             "--deepspeed on the megatron backend."
         ) from error
+    _skip_cpu_shared_memory_comm(deepspeed)
     return deepspeed
+
+
+def _skip_cpu_shared_memory_comm(deepspeed) -> None:
+    """On the CPU accelerator, tells DeepSpeed its shared-memory all-reduce op is unavailable.
+
+    DeepSpeed JIT-compiles that C++ op (about a minute and 1.4 GB of compiler memory, again for
+    every virtual environment path) when it first sets up its communication backend, for the
+    all-reduce of its inference kernels (`module_inject`). Training never calls it: its
+    collectives go through torch.distributed (gloo), so skipping the build changes no result
+    and no C++ compiler is needed to train on CPU.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class MegatronMPU:

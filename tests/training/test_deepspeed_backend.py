@@ -36,19 +36,26 @@ def reference(tmp_path_factory):
         "injection": run(
             tmp, REFERENCE_WORKER, "injection", 1, "--input-injection", "concat", "--loop-embedding"
         )["steps"],
+        # deepspeed_worker.LOOP_TERM_WEIGHT
+        "loopterm": run(
+            tmp, REFERENCE_WORKER, "loopterm", 1, "--intermediate-loop-loss-weight", "0.5"
+        )["steps"],
     }
 
 
 @pytest.fixture(scope="module")
 def data_parallel(tmp_path_factory):
     """DP=2 (2 micro-batches per replica): ZeRO-3 (which saves before step 2), -1, -2, then
-    recompute and bf16 cases, in one launch."""
+    recompute, bf16 and intermediate-loop loss cases, in one launch; DeepSpeed's JIT-built ops
+    go to an empty directory of their own (`torch_extensions`), which must stay empty."""
     tmp = tmp_path_factory.mktemp("dp2")
     checkpoint = tmp / "checkpoint"
     cases = ["3", "1", "2", "2+recompute", "3+recompute+injection", "2+bf16", "3+bf16"]
-    cases += ["1+padded", "3+padded+mb2", "2+nan"]
+    cases += ["1+padded", "3+padded+mb2", "2+nan", "2+loopterm"]
     args = ["--cases", *cases, "--save", checkpoint, "--save-at", 2]
-    return run(tmp, WORKER, "dp2", 2, *args), checkpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(tmp / "torch_extensions"))
+        return run(tmp, WORKER, "dp2", 2, *args), checkpoint
 
 
 def assert_same_curve(steps, reference):
@@ -108,16 +115,23 @@ def test_tensor_and_sequence_parallel_match_megatron_backend(tmp_path, reference
         assert_same_curve(result["runs"][case], want)
 
 
-def test_intermediate_loop_loss_at_dp2_matches_megatron_backend(tmp_path):
+def test_intermediate_loop_loss_at_dp2_matches_megatron_backend(data_parallel, reference):
     """ZeRO-2 at DP=2 with the intermediate-loop loss: the same loss, intermediate term (reduced
     over the replicas) and grad norm as the megatron backend on one process."""
-    weight = ["--intermediate-loop-loss-weight", "0.5"]  # deepspeed_worker.LOOP_TERM_WEIGHT
-    want = run(tmp_path, REFERENCE_WORKER, "loopterm-reference", 1, *weight)["steps"]
-    steps = run(tmp_path, WORKER, "loopterm", 2, "--cases", "2+loopterm")["runs"]["2+loopterm"]
+    steps, want = data_parallel[0]["runs"]["2+loopterm"], reference["loopterm"]
     assert_same_curve(steps, want)
     assert any(s["intermediate_loss"] > 0 for s in want)
     for got, ref in zip(steps, want, strict=True):
         assert got["intermediate_loss"] == pytest.approx(ref["intermediate_loss"], rel=RTOL)
+
+
+def test_training_on_cpu_builds_no_deepspeed_op(data_parallel):
+    """DeepSpeed's shared-memory all-reduce (a C++ JIT build, for its inference kernels) is
+    skipped on CPU: training needs no compiler (`deepspeed_backend._skip_cpu_shared_memory_comm`).
+    """
+    _, checkpoint = data_parallel
+    extensions = checkpoint.parent / "torch_extensions"
+    assert not extensions.exists() or not any(extensions.rglob("*.so")), list(extensions.rglob("*"))
 
 
 def test_resume_from_deepspeed_checkpoint_is_exact(tmp_path, data_parallel):
