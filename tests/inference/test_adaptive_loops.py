@@ -119,7 +119,10 @@ def test_per_position_freezing_keeps_converged_positions_bit_for_bit():
     outputs = _loop_outputs(model, ids, 8)
     change = torch.stack([(b - a).norm(dim=-1) / a.norm(dim=-1)
                           for a, b in zip(outputs[1:-1], outputs[2:])])  # fmt: skip
-    threshold = float(change.flatten().median())  # freezes some positions, not all
+    # The median of each position's smallest change: about half the positions get below it
+    # (and freeze), half never do. (The median over all loops froze every position where the
+    # change shrinks at each loop, as it does on this machine: it split nothing.)
+    threshold = float(change.amin(0).flatten().median())
     policy = LoopPolicy(threshold=threshold, per="position", max_loops=8)
     controller = _RecordingController(policy, MASK)
     model(ids, num_loops=8, loop_controller=controller)
