@@ -194,3 +194,28 @@ def test_the_encoded_train_split_and_sequence_length_are_cached_per_data_set(tmp
     assert kit.sequence_length(paths) > tokens.shape[1]
     assert kit.encoded_train_split(paths)[0].shape == (len(read_examples(paths["train"])),
                                                        kit.sequence_length(paths))
+
+
+def test_validation_pilot_scores_the_validation_split_only(tmp_path, kit_modules, capsys):
+    """A scale is chosen on validation pilots: the pilot never samples a test prompt."""
+    from megatron_loopmdm.evaluation.reasoning import read_examples
+
+    sys.modules.pop("validation_pilot", None)
+    import validation_pilot
+
+    argv = ["--smoke", "--seeds", "0", "--work-dir", str(tmp_path), "--task", "addition",
+            "--level", "1", "--train-per-level", "16", "--model", "loopmdm"]  # fmt: skip
+    assert validation_pilot.main(argv) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("VAL ")][-1]
+    result = json.loads(line[4:])
+    assert result["train_per_level"] == 16 and result["model"] == "loopmdm"
+    assert set(result["val_exact_match"]) == set(result["val_nelbo"]) == {"1", "2"}
+    assert all(v > 0 for v in result["val_nelbo"].values())
+    assert result["loss_curve"][-1][0] == result["steps"]
+    out = tmp_path / "validation" / "loopmdm-seed0-steps3"
+    sampled = {r["prompt"] for r in read_examples(out / "exact_match_predictions.jsonl")}
+    data = tmp_path / "data"
+    assert sampled == {r["prompt"] for r in read_examples(data / "validation.jsonl")}
+    assert not sampled & {r["prompt"] for r in read_examples(data / "test.jsonl")}
+    sys.modules.pop("validation_pilot", None)
+    sys.modules.pop("compare_models", None)

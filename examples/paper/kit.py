@@ -307,7 +307,7 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     write_hf_directory(model.eval(), run_dir / "hf", paths["tokenizer"])
     record = {
         "name": spec.name, "seed": seed, "steps": steps, "dir": "hf",
