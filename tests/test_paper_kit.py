@@ -141,3 +141,81 @@ def test_a_moved_work_directory_keeps_its_cached_runs(tmp_path, kit_modules):
     assert moved["seconds"] == first["seconds"]  # the cached run, not a new training
     assert moved["dir"] == str(tmp_path / "b" / "runs" / "loopmdm-seed0-steps1" / "hf")
     assert load_for_inference(moved["dir"]).config.max_loops == scale.max_loops
+
+
+def test_the_large_training_set_scale_has_distinct_prompts_and_disjoint_splits(kit_modules):
+    """`cpu-add5-200k` trains on 200,000 fresh examples (the reference drew new ones every step)
+    instead of 2,000 reused: every prompt is distinct and none is in validation or test, and the
+    test split is the one a small training set gets."""
+    from dataclasses import replace
+
+    from megatron_loopmdm.evaluation.reasoning import make_splits
+
+    kit = sys.modules["kit"]
+    scale = kit.SCALES["cpu-add5-200k"]
+    assert (scale.tasks, scale.levels, scale.batch_size) == (("addition",), (4,), 128)
+    sizes = {"train": scale.train_per_level, "validation": scale.validation_per_level,
+             "test": scale.test_per_level}  # fmt: skip
+    splits = make_splits(list(scale.tasks), sizes, 0, list(scale.levels))
+    prompts = {name: [r["prompt"] for r in records] for name, records in splits.items()}
+    assert len(prompts["train"]) == len(set(prompts["train"])) == 200_000
+    assert not set(prompts["train"]) & (set(prompts["validation"]) | set(prompts["test"]))
+    assert all(len(p) == 12 and int(p[:5]) + int(p[6:11]) == int(r["answer"])
+               for p, r in zip(prompts["train"][:1000], splits["train"]))  # fmt: skip
+    small = make_splits(list(scale.tasks), {**sizes, "train": 2000}, 0, list(scale.levels))
+    assert small["test"] == splits["test"] and small["validation"] == splits["validation"]
+    assert kit.training_scale(scale) != kit.training_scale(replace(scale, train_per_level=2000))
+
+
+def test_the_encoded_train_split_and_sequence_length_are_cached_per_data_set(tmp_path,
+                                                                               kit_modules):
+    """Encoding a 200k-example split once per run took minutes: both are computed once, and a
+    data set made again (another scale in a cleared directory) does not reuse them."""
+    import shutil
+    from dataclasses import replace
+
+    from megatron_loopmdm.evaluation.reasoning import read_examples
+
+    import torch
+
+    kit = sys.modules["kit"]
+    scale = kit.SCALES["smoke"]
+    paths = kit.prepare_data(tmp_path, scale)
+    tokens, response = kit.encoded_train_split(paths)
+    expected = kit._encode_split(read_examples(paths["train"]), kit._tokenizer(paths),
+                                 kit.sequence_length(paths))  # fmt: skip
+    assert torch.equal(tokens, expected[0]) and torch.equal(response, expected[1])
+    data = tmp_path / "data"
+    assert (data / "train_tokens.pt").is_file() and (data / "seq_length.json").is_file()
+    assert torch.equal(kit.encoded_train_split(paths)[0], tokens)  # from the cache
+    shutil.rmtree(data / "tok")  # the data set is made again, at another scale
+    longer = replace(scale, levels=(3,))
+    paths = kit.prepare_data(tmp_path, longer)
+    assert kit.sequence_length(paths) > tokens.shape[1]
+    assert kit.encoded_train_split(paths)[0].shape == (len(read_examples(paths["train"])),
+                                                       kit.sequence_length(paths))
+
+
+def test_validation_pilot_scores_the_validation_split_only(tmp_path, kit_modules, capsys):
+    """A scale is chosen on validation pilots: the pilot never samples a test prompt."""
+    from megatron_loopmdm.evaluation.reasoning import read_examples
+
+    sys.modules.pop("validation_pilot", None)
+    import validation_pilot
+
+    argv = ["--smoke", "--seeds", "0", "--work-dir", str(tmp_path), "--task", "addition",
+            "--level", "1", "--train-per-level", "16", "--model", "loopmdm"]  # fmt: skip
+    assert validation_pilot.main(argv) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("VAL ")][-1]
+    result = json.loads(line[4:])
+    assert result["train_per_level"] == 16 and result["model"] == "loopmdm"
+    assert set(result["val_exact_match"]) == set(result["val_nelbo"]) == {"1", "2"}
+    assert all(v > 0 for v in result["val_nelbo"].values())
+    assert result["loss_curve"][-1][0] == result["steps"]
+    out = tmp_path / "validation" / "loopmdm-seed0-steps3"
+    sampled = {r["prompt"] for r in read_examples(out / "exact_match_predictions.jsonl")}
+    data = tmp_path / "data"
+    assert sampled == {r["prompt"] for r in read_examples(data / "validation.jsonl")}
+    assert not sampled & {r["prompt"] for r in read_examples(data / "test.jsonl")}
+    sys.modules.pop("validation_pilot", None)
+    sys.modules.pop("compare_models", None)

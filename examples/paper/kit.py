@@ -72,6 +72,13 @@ SCALES = {
     # layers, and a loop adds it. Chosen on pilots and failed scales (docs/paper_reproduction.md).
     "cpu": Scale(tasks=("permutation",), levels=(2,), validation_per_level=100,
                  test_per_level=200),
+    # The independent reference's setting (PAPER.md, issue #15): uniform 5-digit addition, a
+    # 4-layer hidden-128 model, 2,400 steps of 128 examples, every example fresh (200,000
+    # distinct training prompts, not 2,000 reused ~150 times). docs/paper_reproduction.md,
+    # session 6, has what it measured.
+    "cpu-add5-200k": Scale(tasks=("addition",), levels=(4,), train_per_level=200_000,
+                           validation_per_level=100, test_per_level=200, steps=2400,
+                           batch_size=128),
     # Composing 4 permutations: not learnt in 1,500 steps (LoopMDM loss 0.78-0.80, 1-2%).
     "cpu-perm-3": Scale(tasks=("permutation",), levels=(3,), validation_per_level=100,
                         test_per_level=200),
@@ -162,6 +169,8 @@ def prepare_data(work: Path, scale: Scale) -> Dict:
                            wanted)  # fmt: skip
     else:
         data.mkdir(parents=True, exist_ok=True)
+        for derived in ("seq_length.json", "train_tokens.pt"):  # of an older data set
+            (data / derived).unlink(missing_ok=True)
         sizes = {"train": scale.train_per_level, "validation": scale.validation_per_level,
                  "test": scale.test_per_level}  # fmt: skip
         splits = make_splits(list(scale.tasks), sizes, 0, list(scale.levels))
@@ -183,11 +192,18 @@ def _encode_split(records, tokenizer, seq_length: int):
     """[n, seq] tokens (prompt, answer, EOS padding) and [n, seq] bool response mask."""
     tokens = torch.full((len(records), seq_length), tokenizer.eod, dtype=torch.long)
     response = torch.zeros_like(tokens, dtype=torch.bool)
-    for n, r in enumerate(records):
-        prompt, answer = tokenizer.tokenize(r["prompt"]), tokenizer.tokenize(r["response"])
+    prompts, answers = _encode_prompts_and_answers(records, tokenizer)
+    for n, (prompt, answer) in enumerate(zip(prompts, answers)):
         tokens[n, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
         response[n, len(prompt) :] = True
     return tokens, response
+
+
+def _encode_prompts_and_answers(records, tokenizer):
+    """The prompts' and the responses' token ids, each encoded on its own (as SFT does), in
+    two batch calls: one `tokenize` per text took minutes for a 200k-example train split."""
+    prompts = tokenizer.encode_batch([r["prompt"] for r in records])
+    return prompts, tokenizer.encode_batch([r["response"] for r in records])
 
 
 def model_config(spec: ModelSpec, scale: Scale, tokenizer):
@@ -203,12 +219,35 @@ def model_config(spec: ModelSpec, scale: Scale, tokenizer):
 
 
 def sequence_length(paths: Dict) -> int:
-    """The longest prompt + answer of every split, + 1 for the EOS."""
+    """The longest prompt + answer of every split, + 1 for the EOS (computed once per data set,
+    then read from DATA/seq_length.json)."""
+    cache = paths["train"].parent / "seq_length.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["seq_length"]
     tokenizer = _tokenizer(paths)
-    return 1 + max(
-        len(tokenizer.tokenize(r["prompt"])) + len(tokenizer.tokenize(r["response"]))
-        for split in ("train", "validation", "test") for r in read_examples(paths[split])
-    )  # fmt: skip
+    longest = 0
+    for split in ("train", "validation", "test"):
+        prompts, answers = _encode_prompts_and_answers(read_examples(paths[split]), tokenizer)
+        longest = max(longest, max(len(p) + len(a) for p, a in zip(prompts, answers)))
+    cache.write_text(json.dumps({"seq_length": 1 + longest}) + "\n")
+    return 1 + longest
+
+
+def encoded_train_split(paths: Dict):
+    """`_encode_split` of the train split, encoded once per data set and then loaded from
+    DATA/train_tokens.pt (encoding 200k examples takes about a minute)."""
+    seq_length = sequence_length(paths)
+    cache = paths["train"].parent / "train_tokens.pt"
+    if cache.is_file():
+        tokens, response = torch.load(cache)
+        if tokens.shape[1] == seq_length:
+            return tokens, response
+    tokens, response = _encode_split(read_examples(paths["train"]), _tokenizer(paths),
+                                     seq_length)  # fmt: skip
+    tmp = cache.with_suffix(".tmp")
+    torch.save((tokens, response), tmp)
+    tmp.replace(cache)
+    return tokens, response
 
 
 def step_flops(spec: ModelSpec, scale: Scale, paths: Dict) -> float:
@@ -242,7 +281,7 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         return _train_with_pretrain_loopmdm(spec, scale, paths, run_dir, seed, steps)
     tokenizer = _tokenizer(paths)
     seq_length = sequence_length(paths)
-    tokens, response = _encode_split(read_examples(paths["train"]), tokenizer, seq_length)
+    tokens, response = encoded_train_split(paths)
     torch.manual_seed(seed)
     config = model_config(spec, scale, tokenizer)
     model = LoopMDMForMaskedDiffusion(config)
@@ -268,15 +307,24 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     write_hf_directory(model.eval(), run_dir / "hf", paths["tokenizer"])
     record = {
         "name": spec.name, "seed": seed, "steps": steps, "dir": "hf",
         "train_flops": steps * train_flops_per_step(config, scale, seq_length),
         "seconds": time.perf_counter() - start, "final_loss": sum(losses[-20:]) / 20,
+        "loss_curve": _loss_curve(losses),
         "spec": asdict(spec), "seq_length": seq_length, "scale": training_scale(scale),
     }  # fmt: skip
     return _save_record(record, run_dir)
+
+
+def _loss_curve(losses: List[float], points: int = 20) -> List[List[float]]:
+    """[[step, mean loss of the steps since the previous point], ...] at about `points` steps:
+    whether a run was still learning when it stopped."""
+    every = max(1, len(losses) // points)
+    return [[k + every, round(statistics.fmean(losses[k : k + every]), 4)]
+            for k in range(0, len(losses) - every + 1, every)]  # fmt: skip
 
 
 def _save_record(record: Dict, run_dir: Path) -> Dict:
