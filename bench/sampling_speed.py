@@ -3,11 +3,12 @@
     python bench/sampling_speed.py [--load HF_OR_MEGATRON_DIR [--data VALIDATION.jsonl]
         [--tokenizer DIR] [--limit N]] [--gen-lengths 64,256] [--batch-sizes 1,8]
         [--block-length 32] [--thresholds 0.9,0.95,0.99] [--max-loops 4]
-        [--loop-threshold 0.05] [--repeats 1] [--json OUT.json]
+        [--loop-threshold 0.05] [--loop-modes fixed,adaptive] [--repeats 1] [--json OUT.json]
 
 Paths: plain, threshold (parallel decoding), prefix and dual key/value caches (with threshold
 decoding, block refresh), at each threshold of the sweep, with fixed and adaptive loops, at
-each gen length / batch size; steps = gen length, blocks of --block-length. With
+each gen length / batch size (`--loop-modes fixed` alone halves a run whose plain rows are
+slow); steps = gen length, blocks of --block-length. With
 --loop-warm-start, every adaptive path is also run with the loop warm start (`+warm`), against
 the same cold plain sampler.
 
@@ -42,6 +43,7 @@ from megatron_loopmdm.inference import LoopPolicy, SamplerConfig, generate
 import torch
 
 PATHS = {"plain": {}, "threshold": {}, "prefix": {"cache": "prefix"}, "dual": {"cache": "dual"}}
+LOOP_MODES = ("fixed", "adaptive")
 MIN_AGREEMENT = 0.99
 """Without a task: the token agreement with the plain sampler a row needs."""
 MAX_EXACT_DROP = 0.01
@@ -63,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--thresholds", default="0.9", help="the sweep, e.g. 0.9,0.95,0.99")
     parser.add_argument("--max-loops", type=int, default=4)
     parser.add_argument("--loop-threshold", type=float, default=0.05)
+    parser.add_argument("--loop-modes", default="fixed,adaptive",
+                        help="loop settings to run: fixed, adaptive or both")
     parser.add_argument("--loop-warm-start", action="store_true",
                         help="also every adaptive path with the loop warm start")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (best kept)")
@@ -76,6 +80,10 @@ def parse_args(argv=None):
         args.thresholds = [float(v) for v in args.thresholds.split(",")]
     except ValueError as e:
         parser.error(f"--gen-lengths/--batch-sizes/--thresholds take comma lists ({e})")
+    given = args.loop_modes
+    args.loop_modes = [v.strip() for v in given.split(",") if v.strip()]
+    if not args.loop_modes or not set(args.loop_modes) <= set(LOOP_MODES):
+        parser.error(f"--loop-modes takes fixed and/or adaptive, comma-separated (got {given!r})")
     return args
 
 
@@ -194,7 +202,8 @@ def _configs(args, gen_length: int):
     }
     block = min(args.block_length, gen_length)
     configs = []
-    for loops, policy in loop_modes.items():
+    for loops in args.loop_modes:
+        policy = loop_modes[loops]
         base = dict(gen_length=gen_length, steps=gen_length, block_length=block, loops=policy)
         paths = [("plain", None, {})] + [
             (path, threshold, {"threshold": threshold, **options})
