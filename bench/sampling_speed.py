@@ -28,7 +28,9 @@ not blur; a busy machine blurs tokens/s). A row's speedup is only ever against t
 sampler at the same gen length, batch size and loop setting, on the same prompts and seeds.
 The last line is `sampling_speedup=<best tokens/s speedup of a row whose exact match is within
 1 point of plain's (plain's >= 0.5), or, without a task, whose token agreement is >= 99%>`,
-or `sampling_speedup=none` after a line saying why.
+or `sampling_speedup=none` after a line saying why. Before it: that row's flops-x and the best
+flops-x of a qualifying row, to read the tokens/s figure against (on a busy machine a plain
+row timed in a heavy-load window inflates every ratio against it).
 """
 
 import argparse
@@ -87,15 +89,16 @@ def parse_args(argv=None):
     return args
 
 
-def qualifying_speedup(rows, task: bool):
+def qualifying_speedup(rows, task: bool, measure: str = "tokens"):
     """-> (best speedup, its row) among rows that meet the bar, or (None, why not).
 
     Rows are dicts with `gen_length`, `batch`, `loops`, `path`, `tokens_per_second`,
-    `agreement` and `exact` (None without a task). A row's speedup is its tokens/s over the
-    plain row's of the same gen length, batch and loops (never another baseline); a row
-    without such a plain row does not count. With a task, a row qualifies when plain's exact
-    match there is >= 0.5 and the row's is at most 1 point below; without one, when its token
-    agreement with plain is >= 99%.
+    `agreement`, `exact` (None without a task) and, for `measure="flops"`, `model_flops`. A
+    row's speedup is its tokens/s over the plain row's of the same gen length, batch and loops
+    (never another baseline), or with `measure="flops"` plain's model FLOPs over the row's (the
+    compute saved, which machine load does not blur); a row without such a plain row does not
+    count. With a task, a row qualifies when plain's exact match there is >= 0.5 and the row's
+    is at most 1 point below; without one, when its token agreement with plain is >= 99%.
     """
     plain = {_setting(r): r for r in rows if r["path"] == "plain"}
     best, best_row, reasons = None, None, set()
@@ -113,7 +116,12 @@ def qualifying_speedup(rows, task: bool):
         if not ok:
             reasons.add("exact match > 1 point below plain's" if task else "agreement < 99%")
             continue
-        speedup = row["tokens_per_second"] / base["tokens_per_second"]
+        if measure == "flops":
+            if not row.get("model_flops") or not base.get("model_flops"):
+                continue
+            speedup = base["model_flops"] / row["model_flops"]
+        else:
+            speedup = row["tokens_per_second"] / base["tokens_per_second"]
         if best is None or speedup > best:
             best, best_row = speedup, row
     if best is None:
@@ -123,6 +131,12 @@ def qualifying_speedup(rows, task: bool):
 
 def _setting(row) -> tuple:
     return row["gen_length"], row["batch"], row["loops"]
+
+
+def _flops_ratio(rows, row) -> float:
+    """Plain's model FLOPs over `row`'s, plain at the row's gen length, batch and loops."""
+    plain = next(r for r in rows if r["path"] == "plain" and _setting(r) == _setting(row))
+    return plain["model_flops"] / row["model_flops"]
 
 
 def load_workload(args):
@@ -282,6 +296,12 @@ def main(argv=None) -> int:
         print("sampling_speedup=none")
         return 0
     print(f"best qualifying row: {json.dumps(row)}")
+    # On a busy machine tokens/s ratios swing with the load; the FLOPs ratio does not.
+    flops, flops_row = qualifying_speedup(rows, task, measure="flops")
+    if flops is not None:
+        print(f"flops-x of that row: {_flops_ratio(rows, row):.2f}; best qualifying flops-x: "
+              f"{flops:.2f} ({flops_row['path']}, threshold {flops_row['threshold']}, gen "
+              f"{flops_row['gen_length']}, batch {flops_row['batch']}, {flops_row['loops']})")
     print(f"sampling_speedup={best:.2f}")
     return 0
 

@@ -107,3 +107,21 @@ def test_loop_modes_choose_the_loop_settings_run(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--loop-modes", "fixed,deep"])
     assert "--loop-modes takes fixed and/or adaptive" in capsys.readouterr().err
+
+
+def test_flops_speedup_uses_the_same_bar_and_baseline(bench):
+    def row(path, rate, flops, exact, batch=8):
+        return {**_row(path, rate, exact, batch=batch), "model_flops": flops}
+
+    rows = [
+        row("plain", 10.0, 1000.0, 0.80),
+        row("threshold", 70.0, 800.0, 0.80),  # 7x tokens/s (load), 1.25x compute
+        row("prefix", 40.0, 250.0, 0.795),  # 4x compute, within 1 point
+        row("dual", 30.0, 100.0, 0.70),  # 10x compute, 10 points below: not counted
+        row("plain", 10.0, 50.0, 0.80, batch=1),  # a cheaper plain elsewhere lends nothing
+    ]
+    best, best_row = bench.qualifying_speedup(rows, task=True)
+    assert best == pytest.approx(7.0) and best_row["path"] == "threshold"
+    flops, flops_row = bench.qualifying_speedup(rows, task=True, measure="flops")
+    assert flops == pytest.approx(4.0) and flops_row["path"] == "prefix"
+    assert bench._flops_ratio(rows, best_row) == pytest.approx(1.25)
