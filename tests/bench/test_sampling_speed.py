@@ -71,13 +71,17 @@ def _load_script(name: str):
 
 
 def test_kit_model_driver_feeds_the_bench_with_its_validation_split(bench, tmp_path, capsys):
-    """bench/sampling_kit_model.py trains (2 steps here) and prints the model and validation
-    paths; the bench scores that model's answers on that split, every row against its plain."""
+    """bench/sampling_kit_model.py trains (2 steps here, then 2 with long EOS padding) and
+    prints the model and validation paths; the bench scores that model's answers on that split,
+    every row against its plain."""
     driver = _load_script("sampling_kit_model")
-    assert driver.main(["--work-dir", str(tmp_path), "--steps", "2",
-                        "--validation-per-level", "3"]) == 0  # fmt: skip
+    base = ["--work-dir", str(tmp_path), "--steps", "2", "--validation-per-level", "3"]
+    with pytest.raises(SystemExit, match="must be >= "):  # shorter than an example + EOS
+        driver.main([*base, "--pad-lengths", "3"])
+    assert driver.main([*base, "--pad-lengths", "16,24", "--long-steps", "2"]) == 0
     printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
                    if line.startswith(("model: ", "validation: ")))  # fmt: skip
+    assert printed["model"].endswith("hf-long")  # the long-padding continuation is the model
     validation = [json.loads(line) for line in open(printed["validation"])]
     assert len(validation) == 3 and {r["task"] for r in validation} == {"addition"}
     assert all(len(r["prompt"].split("+")[0]) == 2 for r in validation)  # level 1: 2 digits
