@@ -12,11 +12,13 @@ only names the task and the model.
 
 The kit pads each example with EOS only to the longest example (about 10 tokens here), and such
 a model does not answer at the bench's gen lengths: with 64 or 256 masked positions after the
-prompt it gets 0% (measured; 100% at the trained length). `--pad-lengths` then continues the
+prompt it got 0% of 50 validation answers (right on those tried at gen length 4).
+`--pad-lengths` then continues the
 same SFT objective (response = answer + EOS padding, all in the loss; each response token
 masked with p = (1 - eps) t + eps; S ~ U{1..S_max}) for `--long-steps` steps from the kit's
 weights with the EOS padding out to each of these total lengths in turn (prompt + gen length:
-70 and 262 for gen 64 and 256), into RUN/hf-long. It prints the two paths the sampling bench
+70 and 262 for gen 64 and 256), into RUN/hf-long-<lengths>-steps<N> (300 steps: 48% of 50
+validation answers at gen 64, 6 of 8 at gen 256). It prints the two paths the sampling bench
 needs:
 
     python bench/sampling_speed.py --load <hf> --data <validation.jsonl>
@@ -74,7 +76,9 @@ def train_long(run, paths, lengths, steps: int, batch_tokens: int, seed: int) ->
     least 1); AdamW at lr 3e-4 (warm-up over the first 5% of the steps), gradient clip 1.0.
 
     Returns:
-        The Hugging Face directory written (RUN/hf-long; reused if it is there).
+        The Hugging Face directory written, RUN/hf-long-<lengths>-steps<N> (reused if it is
+        there: the name holds every argument that changes it, except `batch_tokens` and `seed`,
+        which a cached run keeps from its first call).
     """
     from megatron_loopmdm.hf import load_for_inference
     from megatron_loopmdm.hf.checkpoint import write_hf_directory
@@ -82,7 +86,7 @@ def train_long(run, paths, lengths, steps: int, batch_tokens: int, seed: int) ->
     import torch
     import torch.nn.functional as F
 
-    out = Path(run["dir"]).parent / "hf-long"
+    out = Path(run["dir"]).parent / f"hf-long-{'-'.join(map(str, lengths))}-steps{steps}"
     if (out / "config.json").is_file():
         return out
     tokenizer = kit._tokenizer(paths)

@@ -81,7 +81,7 @@ def test_kit_model_driver_feeds_the_bench_with_its_validation_split(bench, tmp_p
     assert driver.main([*base, "--pad-lengths", "16,24", "--long-steps", "2"]) == 0
     printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
                    if line.startswith(("model: ", "validation: ")))  # fmt: skip
-    assert printed["model"].endswith("hf-long")  # the long-padding continuation is the model
+    assert printed["model"].endswith("hf-long-16-24-steps2")  # the continuation is the model
     validation = [json.loads(line) for line in open(printed["validation"])]
     assert len(validation) == 3 and {r["task"] for r in validation} == {"addition"}
     assert all(len(r["prompt"].split("+")[0]) == 2 for r in validation)  # level 1: 2 digits
