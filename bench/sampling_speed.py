@@ -3,11 +3,12 @@
     python bench/sampling_speed.py [--load HF_OR_MEGATRON_DIR [--data VALIDATION.jsonl]
         [--tokenizer DIR] [--limit N]] [--gen-lengths 64,256] [--batch-sizes 1,8]
         [--block-length 32] [--thresholds 0.9,0.95,0.99] [--max-loops 4]
-        [--loop-threshold 0.05] [--repeats 1] [--json OUT.json]
+        [--loop-threshold 0.05] [--loop-modes fixed,adaptive] [--repeats 1] [--json OUT.json]
 
 Paths: plain, threshold (parallel decoding), prefix and dual key/value caches (with threshold
 decoding, block refresh), at each threshold of the sweep, with fixed and adaptive loops, at
-each gen length / batch size; steps = gen length, blocks of --block-length. With
+each gen length / batch size (`--loop-modes fixed` alone halves a run whose plain rows are
+slow); steps = gen length, blocks of --block-length. With
 --loop-warm-start, every adaptive path is also run with the loop warm start (`+warm`), against
 the same cold plain sampler.
 
@@ -27,7 +28,9 @@ not blur; a busy machine blurs tokens/s). A row's speedup is only ever against t
 sampler at the same gen length, batch size and loop setting, on the same prompts and seeds.
 The last line is `sampling_speedup=<best tokens/s speedup of a row whose exact match is within
 1 point of plain's (plain's >= 0.5), or, without a task, whose token agreement is >= 99%>`,
-or `sampling_speedup=none` after a line saying why.
+or `sampling_speedup=none` after a line saying why. Before it: that row's flops-x and the best
+flops-x of a qualifying row, to read the tokens/s figure against (on a busy machine a plain
+row timed in a heavy-load window inflates every ratio against it).
 """
 
 import argparse
@@ -42,6 +45,7 @@ from megatron_loopmdm.inference import LoopPolicy, SamplerConfig, generate
 import torch
 
 PATHS = {"plain": {}, "threshold": {}, "prefix": {"cache": "prefix"}, "dual": {"cache": "dual"}}
+LOOP_MODES = ("fixed", "adaptive")
 MIN_AGREEMENT = 0.99
 """Without a task: the token agreement with the plain sampler a row needs."""
 MAX_EXACT_DROP = 0.01
@@ -63,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--thresholds", default="0.9", help="the sweep, e.g. 0.9,0.95,0.99")
     parser.add_argument("--max-loops", type=int, default=4)
     parser.add_argument("--loop-threshold", type=float, default=0.05)
+    parser.add_argument("--loop-modes", default="fixed,adaptive",
+                        help="loop settings to run: fixed, adaptive or both")
     parser.add_argument("--loop-warm-start", action="store_true",
                         help="also every adaptive path with the loop warm start")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (best kept)")
@@ -76,18 +82,23 @@ def parse_args(argv=None):
         args.thresholds = [float(v) for v in args.thresholds.split(",")]
     except ValueError as e:
         parser.error(f"--gen-lengths/--batch-sizes/--thresholds take comma lists ({e})")
+    given = args.loop_modes
+    args.loop_modes = [v.strip() for v in given.split(",") if v.strip()]
+    if not args.loop_modes or not set(args.loop_modes) <= set(LOOP_MODES):
+        parser.error(f"--loop-modes takes fixed and/or adaptive, comma-separated (got {given!r})")
     return args
 
 
-def qualifying_speedup(rows, task: bool):
+def qualifying_speedup(rows, task: bool, measure: str = "tokens"):
     """-> (best speedup, its row) among rows that meet the bar, or (None, why not).
 
     Rows are dicts with `gen_length`, `batch`, `loops`, `path`, `tokens_per_second`,
-    `agreement` and `exact` (None without a task). A row's speedup is its tokens/s over the
-    plain row's of the same gen length, batch and loops (never another baseline); a row
-    without such a plain row does not count. With a task, a row qualifies when plain's exact
-    match there is >= 0.5 and the row's is at most 1 point below; without one, when its token
-    agreement with plain is >= 99%.
+    `agreement`, `exact` (None without a task) and, for `measure="flops"`, `model_flops`. A
+    row's speedup is its tokens/s over the plain row's of the same gen length, batch and loops
+    (never another baseline), or with `measure="flops"` plain's model FLOPs over the row's (the
+    compute saved, which machine load does not blur); a row without such a plain row does not
+    count. With a task, a row qualifies when plain's exact match there is >= 0.5 and the row's
+    is at most 1 point below; without one, when its token agreement with plain is >= 99%.
     """
     plain = {_setting(r): r for r in rows if r["path"] == "plain"}
     best, best_row, reasons = None, None, set()
@@ -105,7 +116,12 @@ def qualifying_speedup(rows, task: bool):
         if not ok:
             reasons.add("exact match > 1 point below plain's" if task else "agreement < 99%")
             continue
-        speedup = row["tokens_per_second"] / base["tokens_per_second"]
+        if measure == "flops":
+            if not row.get("model_flops") or not base.get("model_flops"):
+                continue
+            speedup = base["model_flops"] / row["model_flops"]
+        else:
+            speedup = row["tokens_per_second"] / base["tokens_per_second"]
         if best is None or speedup > best:
             best, best_row = speedup, row
     if best is None:
@@ -115,6 +131,12 @@ def qualifying_speedup(rows, task: bool):
 
 def _setting(row) -> tuple:
     return row["gen_length"], row["batch"], row["loops"]
+
+
+def _flops_ratio(rows, row) -> float:
+    """Plain's model FLOPs over `row`'s, plain at the row's gen length, batch and loops."""
+    plain = next(r for r in rows if r["path"] == "plain" and _setting(r) == _setting(row))
+    return plain["model_flops"] / row["model_flops"]
 
 
 def load_workload(args):
@@ -194,7 +216,8 @@ def _configs(args, gen_length: int):
     }
     block = min(args.block_length, gen_length)
     configs = []
-    for loops, policy in loop_modes.items():
+    for loops in args.loop_modes:
+        policy = loop_modes[loops]
         base = dict(gen_length=gen_length, steps=gen_length, block_length=block, loops=policy)
         paths = [("plain", None, {})] + [
             (path, threshold, {"threshold": threshold, **options})
@@ -273,6 +296,12 @@ def main(argv=None) -> int:
         print("sampling_speedup=none")
         return 0
     print(f"best qualifying row: {json.dumps(row)}")
+    # On a busy machine tokens/s ratios swing with the load; the FLOPs ratio does not.
+    flops, flops_row = qualifying_speedup(rows, task, measure="flops")
+    if flops is not None:
+        print(f"flops-x of that row: {_flops_ratio(rows, row):.2f}; best qualifying flops-x: "
+              f"{flops:.2f} ({flops_row['path']}, threshold {flops_row['threshold']}, gen "
+              f"{flops_row['gen_length']}, batch {flops_row['batch']}, {flops_row['loops']})")
     print(f"sampling_speedup={best:.2f}")
     return 0
 
