@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist): the tests start real multi-process runs whose start-up (imports)
+# and gloo waits leave cores idle in a serial run. Which tests share a worker, and in what order
+# they go: tests/conftest.py.
+TEST_WORKERS ?= 2
 
 .PHONY: install test quickstart bench lint clean
 
@@ -13,7 +17,7 @@ $(STAMP): setup.py scripts/install.sh
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 quickstart: install
 	$(PY) tools/quickstart.py --workdir runs/quickstart

@@ -28,7 +28,8 @@ setup(
         # lm-evaluation-harness, for `tools/evaluate.py lm-eval` and `lm_eval --model loopmdm`.
         "eval": ["lm_eval"],
         "test": [
-            "pytest>=8", "ruff", "psutil", "sentencepiece", "tiktoken", "zstandard", "pyarrow",
+            "pytest>=8", "pytest-xdist>=3.6", "ruff", "psutil", "sentencepiece", "tiktoken",
+            "zstandard", "pyarrow",
             "lm_eval",
         ],
     },

@@ -88,3 +88,44 @@ def pytest_runtest_protocol(item, nextitem):
                   "cpu_self": round(own_end - own, 3),
                   "cpu_children": round(children_end - children, 3)}  # fmt: skip
         out.write(json.dumps(record) + "\n")
+
+
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): a test file runs whole on one
+# worker, so its module fixtures (multi-process trainings) are built once; files that share a
+# session fixture or a per-process cached model run together. test_pretrain.py's tests each start
+# their own runs and spread one by one. The costliest units go first (CPU seconds measured with
+# LOOPMDM_TEST_PROFILE), so that no long one is left for the end while the other worker idles.
+SPREAD = ("tests/training/test_pretrain.py", "tests/training/test_run_flags.py")
+SHARED = {
+    "tests/hf/test_conversion.py": "hf-trained",  # the `trained` session fixture
+    "tests/hf/test_export_robust.py": "hf-trained",
+    "tests/hf/test_input_checks_robust.py": "hf-trained",
+}
+FIRST = (
+    "tests/training/test_checkpoint_robust.py",
+    "hf-trained",
+    "tests/distributed/test_parallel_equivalence.py",
+    "tests/training/test_sft.py",
+    "tests/training/test_deepspeed_backend.py",
+    "tests/distributed/test_checkpoint_resume.py",
+    "tests/test_quickstart.py",
+    "tests/training/test_pretrain.py",
+)
+
+
+def _test_group(path: str) -> str:
+    if path.startswith(("tests/inference/", "tests/tools/")):
+        return path.rsplit("/", 1)[0]  # a tiny model cached per process; session fixtures
+    return SHARED.get(path, path)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    def group(item):
+        return _test_group(item.nodeid.split("::")[0])
+
+    for item in items:
+        if item.nodeid.split("::")[0] not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(FIRST)))  # stable: file order kept
