@@ -84,7 +84,6 @@ def train_long(run, paths, lengths, steps: int, batch_tokens: int, seed: int) ->
     from megatron_loopmdm.hf.checkpoint import write_hf_directory
 
     import torch
-    import torch.nn.functional as F
 
     out = Path(run["dir"]).parent / f"hf-long-{'-'.join(map(str, lengths))}-steps{steps}"
     if (out / "config.json").is_file():
@@ -96,30 +95,17 @@ def train_long(run, paths, lengths, steps: int, batch_tokens: int, seed: int) ->
         raise SystemExit(f"--pad-lengths must be >= {longest}, the longest example + EOS")
     data = {n: kit._encode_split(records, tokenizer, n) for n in lengths}
     model = load_for_inference(run["dir"]).train()
-    config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95),
                                   weight_decay=0.0)  # fmt: skip
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup))
     generator = torch.Generator().manual_seed(seed)
-    eps = 1e-3
     for k in range(steps):
         length = lengths[k % len(lengths)]
         tokens, response = data[length]
         rows = torch.randint(0, len(tokens), (max(1, batch_tokens // length),),
                              generator=generator)  # fmt: skip
-        x, target = tokens[rows], response[rows]
-        p_mask = (1 - eps) * torch.rand(len(rows), 1, generator=generator) + eps
-        mask = (torch.rand(x.shape, generator=generator) < p_mask) & target
-        num_loops = int(torch.randint(1, config.max_loops + 1, (), generator=generator))
-        logits = model(torch.where(mask, config.mask_token_id, x), num_loops=num_loops).logits
-        ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
-        loss = ((ce * mask) / p_mask).sum() / target.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = kit.sft_step(model, optimizer, schedule, tokens[rows], response[rows], generator)
         if (k + 1) % max(1, steps // 10) == 0:
             print(f"long step {k + 1}/{steps} (length {length}): loss {loss.item():.4f}",
                   flush=True)  # fmt: skip

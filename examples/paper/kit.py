@@ -294,19 +294,7 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
     eps, losses, start = 1e-3, [], time.perf_counter()
     for _ in range(steps):
         rows = torch.randint(0, len(tokens), (scale.batch_size,), generator=generator)
-        x, target = tokens[rows], response[rows]
-        t = torch.rand(len(rows), 1, generator=generator)
-        p_mask = (1 - eps) * t + eps
-        mask = (torch.rand(x.shape, generator=generator) < p_mask) & target
-        num_loops = int(torch.randint(1, spec.max_loops + 1, (), generator=generator))
-        logits = model(torch.where(mask, config.mask_token_id, x), num_loops=num_loops).logits
-        ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
-        loss = ((ce * mask) / p_mask).sum() / target.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = sft_step(model, optimizer, schedule, tokens[rows], response[rows], generator, eps)
         losses.append(float(loss.detach()))
     write_hf_directory(model.eval(), run_dir / "hf", paths["tokenizer"])
     record = {
@@ -317,6 +305,25 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         "spec": asdict(spec), "seq_length": seq_length, "scale": training_scale(scale),
     }  # fmt: skip
     return _save_record(record, run_dir)
+
+
+def sft_step(model, optimizer, schedule, x, target, generator, eps: float = 1e-3):
+    """One SFT update (LLaDA's protocol) on the rows `x` [b, s] with response mask `target`:
+    t per row, response tokens masked with p = (1 - eps) t + eps, S ~ U{1..S_max}, loss = sum
+    of CE / p over masked tokens / response tokens; clip 1.0, step. Returns the loss."""
+    config = model.config
+    p_mask = (1 - eps) * torch.rand(len(x), 1, generator=generator) + eps
+    mask = (torch.rand(x.shape, generator=generator) < p_mask) & target
+    num_loops = int(torch.randint(1, config.max_loops + 1, (), generator=generator))
+    logits = model(torch.where(mask, config.mask_token_id, x), num_loops=num_loops).logits
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
+    loss = ((ce * mask) / p_mask).sum() / target.sum()
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss
 
 
 def _loss_curve(losses: List[float], points: int = 20) -> List[List[float]]:
