@@ -107,7 +107,6 @@ FIRST = (
     "tests/distributed/test_parallel_equivalence.py",
     "tests/training/test_sft.py",
     "tests/training/test_deepspeed_backend.py",
-    "tests/distributed/test_checkpoint_resume.py",
     "tests/test_quickstart.py",
     "tests/training/test_pretrain.py",
 )

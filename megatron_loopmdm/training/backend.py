@@ -189,10 +189,18 @@ class DeepSpeedBackend(Backend):
         return f"{directory} (DeepSpeed format)"
 
     def find_checkpoint(self, root, iteration: Optional[int]) -> Optional[int]:
-        # DeepSpeed resumes the checkpoint its `latest` file names (--iteration is not read).
+        # The checkpoint DeepSpeed's `latest` file names, or --iteration's.
         marker = os.path.join(root, ckpt.DEEPSPEED_LATEST_FILE)
         if not os.path.isfile(marker):
             return None
+        if iteration is not None:
+            if not ckpt.checkpoint_dir(root, iteration).is_dir():
+                have = ", ".join(map(str, ckpt.saved_iterations(root))) or "none"
+                raise ckpt.CheckpointError(
+                    f"--iteration {iteration}: {ckpt.checkpoint_dir(root, iteration)} does not "
+                    f"exist (saved iterations: {have})."
+                )
+            return iteration
         return int(open(marker).read().strip().removeprefix("iter_"))
 
     def no_checkpoint_message(self, root) -> str:
@@ -207,7 +215,7 @@ class DeepSpeedBackend(Backend):
                 "--finetune/--no-load-optim are not supported with --deepspeed checkpoints yet; "
                 "resume the full state, or use the megatron backend."
             )
-        loaded, extra = self.trainer.load_checkpoint(root)
+        loaded, extra = self.trainer.load_checkpoint(root, iteration)
         prepare(extra)()
         return loaded, extra
 

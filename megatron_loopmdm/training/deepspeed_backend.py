@@ -390,8 +390,9 @@ class DeepSpeedTrainer:
             str(save_dir), tag=f"iter_{iteration:07d}", client_state=state, save_latest=True
         )
 
-    def load_checkpoint(self, load_dir) -> tuple:
-        """Loads the checkpoint named by `load_dir/latest`; returns (iteration, client_state).
+    def load_checkpoint(self, load_dir, iteration: Optional[int] = None) -> tuple:
+        """Loads `load_dir/iter_<iteration>`, or by default the checkpoint named by
+        `load_dir/latest`; returns (iteration, client_state).
 
         Raises:
             FileNotFoundError: when `load_dir` holds no DeepSpeed checkpoint.
@@ -402,7 +403,8 @@ class DeepSpeedTrainer:
                 "Point --load at the --save directory of a --deepspeed run."
             )
         _read_checkpoints_safely(self.engine)
-        path, client_state = self.engine.load_checkpoint(str(load_dir))
+        tag = None if iteration is None else f"iter_{iteration:07d}"
+        path, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"--load {load_dir}: DeepSpeed found no checkpoint to load.")
         if _CLIENT_KEY not in client_state:
