@@ -63,3 +63,16 @@ def test_only_the_argument_modules_import_argparse():
         if "argparse" in imported_modules(path.read_text())
     }
     assert users == {"training/arguments.py", "inference/arguments.py"}
+
+
+def test_sampling_and_evaluation_start_without_megatron_core():
+    """tools/generate.py and tools/evaluate.py work on Hugging Face models: importing their
+    library side must not import megatron-core (about 4-6 CPU-s at every start)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, megatron_loopmdm.inference, megatron_loopmdm.evaluation, "
+             "megatron_loopmdm.inference.arguments; print('megatron.core' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True, cwd=PACKAGE.parent).stdout.strip()  # fmt: skip
+    assert found == "False"

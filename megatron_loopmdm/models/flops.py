@@ -4,15 +4,16 @@ One function serves logging (TFLOP/s per device), benchmarks (MFU) and the paper
 compute-matched comparisons. Recomputation is not counted (model FLOPs, not hardware FLOPs).
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_loopmdm.models.config import LoopConfig
 from megatron_loopmdm.models.loop_sampling import expected_num_loops
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+if TYPE_CHECKING:  # only the sizes are read: the inference side runs without megatron-core
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def layer_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+def layer_flops_per_token(config: "TransformerConfig", seq_length: int) -> float:
     """Forward FLOPs of one transformer layer per token (bidirectional attention over s keys)."""
     h = config.hidden_size
     attention_width = config.num_attention_heads * config.kv_channels
@@ -26,7 +27,7 @@ def layer_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
 
 
 def flops_per_token(
-    config: TransformerConfig,
+    config: "TransformerConfig",
     loop_config: LoopConfig,
     vocab_size: int,
     seq_length: int,
