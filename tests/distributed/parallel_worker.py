@@ -4,11 +4,17 @@ The tests launch this script with different tensor / pipeline / data-parallel la
 compare what it writes: per step, the loop count S drawn, the global per-token loss and the
 gradient norm. Every layout starts from the same weights (layout-independent init) and sees
 the same global batches and the same diffusion noise, so all must agree.
+
+`--case NAME=FLAGS` (repeatable) trains several configurations one after another in the same
+processes (megatron's model-parallel groups are rebuilt for each; torch.distributed stays up),
+which spares a launch, and its ~10 CPU-s of imports per process, for each; the output is then
+`{"cases": {NAME: result}}`.
 """
 
 import argparse
 import json
 import os
+import shlex
 
 import megatron_loopmdm  # noqa: F401  (registers the triton stand-in before megatron)
 from megatron_loopmdm.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint
@@ -43,7 +49,7 @@ def global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, torch.arange(step * size, (step + 1) * size)
 
 
-def main():
+def case_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -64,10 +70,13 @@ def main():
     parser.add_argument("--save", help="checkpoint directory to save into")
     parser.add_argument("--save-at", type=int, help="save after this many steps, then stop")
     parser.add_argument("--load", help="resume from the latest checkpoint here")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    return parser
 
+
+def train(args) -> dict:
+    """Trains one configuration; its steps, the last rank's parameter count, the world size."""
     parallel = ParallelConfig(args.tp, args.pp, args.vpp, args.sequence_parallel)
+    parallel_state.destroy_model_parallel()  # the previous case's layout, if any
     initialize_distributed(parallel, "cpu")
     set_seed(1234)
     size = get_model_size("debug")
@@ -141,16 +150,31 @@ def main():
             }
         )
     params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    return {
+        "steps": records,
+        "local_params_last_rank": params,
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
+
+
+def main():
+    top = argparse.ArgumentParser()
+    top.add_argument("--out", required=True)
+    top.add_argument("--case", action="append", metavar="NAME=FLAGS",
+                     help="a named configuration (repeatable)")  # fmt: skip
+    args, flags = top.parse_known_args()
+    if args.case:
+        if flags:
+            top.error(f"flags outside --case: {flags}")
+        cases = dict(case.split("=", 1) for case in args.case)
+        result = {"cases": {name: train(case_parser().parse_args(shlex.split(case_flags)))
+                            for name, case_flags in cases.items()}}  # fmt: skip
+    else:
+        result = train(case_parser().parse_args(flags))
+    # The last rank holds the last pipeline stage (and the loss) in every layout.
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "steps": records,
-                    "local_params_last_rank": params,
-                    "world_size": int(os.environ["WORLD_SIZE"]),
-                },
-                f,
-            )
+            json.dump(result, f)
     destroy_distributed()
 
 

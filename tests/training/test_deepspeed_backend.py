@@ -30,17 +30,16 @@ def run(tmp_path, script, name, nproc, *args):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reference")
-    return {
-        "plain": run(tmp, REFERENCE_WORKER, "plain", 1)["steps"],
-        "injection": run(
-            tmp, REFERENCE_WORKER, "injection", 1, "--input-injection", "concat", "--loop-embedding"
-        )["steps"],
-        # deepspeed_worker.LOOP_TERM_WEIGHT
-        "loopterm": run(
-            tmp, REFERENCE_WORKER, "loopterm", 1, "--intermediate-loop-loss-weight", "0.5"
-        )["steps"],
+    """The megatron backend on one process: three cases of one launch."""
+    cases = {
+        "plain": "",
+        "injection": "--input-injection concat --loop-embedding",
+        "loopterm": "--intermediate-loop-loss-weight 0.5",  # deepspeed_worker.LOOP_TERM_WEIGHT
     }
+    args = [f"--case={name}={flags} --steps {STEPS}" for name, flags in cases.items()]
+    out = tmp_path_factory.mktemp("reference") / "reference.json"
+    runs = run_json_worker(REFERENCE_WORKER, 1, args, out)["cases"]
+    return {name: runs[name]["steps"] for name in cases}
 
 
 @pytest.fixture(scope="module")
