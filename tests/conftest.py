@@ -61,9 +61,12 @@ def megatron_single_process():
 def _cpu_seconds():
     import resource
 
+    from tests.utils import FORKED_CPU_SECONDS
+
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    forked = FORKED_CPU_SECONDS[0]  # ranks forked from the launch server (tests/utils.py)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime + forked
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -95,7 +98,13 @@ def pytest_runtest_protocol(item, nextitem):
 # session fixture or a per-process cached model run together. test_pretrain.py's tests each start
 # their own runs and spread one by one. The costliest units go first (CPU seconds measured with
 # LOOPMDM_TEST_PROFILE), so that no long one is left for the end while the other worker idles.
-SPREAD = ("tests/training/test_pretrain.py", "tests/training/test_run_flags.py")
+SPREAD = (
+    "tests/training/test_pretrain.py",
+    "tests/training/test_run_flags.py",
+    # Its chains wait on real torchrun launches (signals, kills): minutes of wall time each,
+    # while its shared uninterrupted reference runs (forked launches) cost seconds per worker.
+    "tests/training/test_checkpoint_robust.py",
+)
 SHARED = {
     "tests/hf/test_conversion.py": "hf-trained",  # the `trained` session fixture
     "tests/hf/test_export_robust.py": "hf-trained",

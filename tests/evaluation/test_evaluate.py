@@ -1,7 +1,5 @@
 """tools/evaluate.py end to end, and the evaluation functions on the tiny trained model."""
 
-import subprocess
-import sys
 from types import SimpleNamespace
 
 from megatron_loopmdm.evaluation import extract_answer, gsm8k_exact_match
@@ -12,12 +10,11 @@ import pytest
 import torch
 
 from tests.inference.tiny_model import sample_sequences, train_tiny_model, write_hf_model_with_data
-from tests.utils import REPO
+from tests.utils import REPO, run_script
 
 
 def _evaluate(*args):
-    cmd = [sys.executable, "-W", "ignore", str(REPO / "tools" / "evaluate.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    return run_script(REPO / "tools" / "evaluate.py", args, timeout=120)
 
 
 def test_nelbo_sweep_is_deterministic_and_writes_table_and_plot(tmp_path):

@@ -5,12 +5,10 @@ their process start-ups overlap.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.utils import REPO, free_port
+from tests.utils import REPO, finish, start_torchrun
 
 VOCAB = 64
 TRAIN = [
@@ -29,14 +27,6 @@ LAYOUTS = {
 }
 
 
-def torchrun_command(nproc: int, script, args) -> list:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
-        *map(str, args),
-    ]  # fmt: skip
-
-
 def subprocess_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -45,15 +35,10 @@ def subprocess_env() -> dict:
 def trained(tmp_path_factory):
     """{layout name: checkpoint root}, each trained for 2 iterations by pretrain_loopmdm.py."""
     root = tmp_path_factory.mktemp("hf_ckpts")
-    runs = {}
-    for name, flags in LAYOUTS.items():
-        save = root / name
-        cmd = torchrun_command(2, REPO / "pretrain_loopmdm.py", [*TRAIN, *flags, "--save", save])
-        runs[name] = (save, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
-            cwd=REPO,
-        ))  # fmt: skip
-    for name, (save, process) in runs.items():
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{name}:\n{output[-4000:]}"
-    return {name: save for name, (save, _) in runs.items()}
+    runs = {name: start_torchrun(REPO / "pretrain_loopmdm.py", 2, [*TRAIN, *flags, "--save",
+                                                                    root / name])
+            for name, flags in LAYOUTS.items()}  # fmt: skip
+    for name, process in runs.items():
+        result = finish(process)
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
+    return {name: root / name for name in runs}

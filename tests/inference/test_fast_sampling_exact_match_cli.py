@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.inference.tiny_model import write_hf_model_with_data
-from tests.utils import REPO
+from tests.utils import REPO, run_script
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -25,11 +23,10 @@ def data(tmp_path_factory):
 
 def _exact_match(data, out, *flags):
     model, jsonl = data
-    command = [sys.executable, "tools/evaluate.py", "exact-match", "--load", model, "--data",
-               jsonl, "--num-loops", "2", "--gen-length", "8", "--block-length", "4",
-               "--loop-schedule", "2", "--output-dir", out, *flags]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=OFFLINE,
-                            timeout=300)  # fmt: skip
+    command = ["exact-match", "--load", model, "--data", jsonl, "--num-loops", "2",
+               "--gen-length", "8", "--block-length", "4", "--loop-schedule", "2",
+               "--output-dir", out, *flags]  # fmt: skip
+    result = run_script(REPO / "tools" / "evaluate.py", command, env=OFFLINE)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "exact_match.json").read_text())
     texts = [p["prediction"] for p in map(json.loads, open(out / "exact_match_predictions.jsonl"))]
@@ -55,9 +52,6 @@ def test_speed_flags_reach_the_sampler(tmp_path, data):
 @pytest.mark.parametrize("flag", [["--cache", "prefix"], ["--loop-warm-start"]])
 def test_speed_flags_without_a_gen_length_are_a_clear_error(tmp_path, data, flag):
     model, jsonl = data
-    result = subprocess.run(
-        [sys.executable, "tools/evaluate.py", "exact-match", "--load", model, "--data", jsonl,
-         *flag, "--output-dir", tmp_path],
-        capture_output=True, text=True, cwd=REPO, env=OFFLINE, timeout=300,
-    )  # fmt: skip
+    result = run_script(REPO / "tools" / "evaluate.py", ["exact-match", "--load", model,
+                        "--data", jsonl, *flag, "--output-dir", tmp_path], env=OFFLINE)  # fmt: skip
     assert result.returncode == 1 and "need --gen-length" in result.stderr

@@ -20,7 +20,7 @@ from tests.inference.tiny_model import (
     train_tiny_model,
     write_hf_model_with_data,
 )
-from tests.utils import REPO
+from tests.utils import REPO, run_script
 
 
 def _identity_loop_model():
@@ -123,12 +123,11 @@ def test_generate_cli_calibrates_then_uses_the_schedule(tmp_path):
     paths = write_hf_model_with_data(tmp_path)
     valid = tmp_path / "validation.jsonl"
     valid.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("the cat", "the dog 3")))
-    tool = [sys.executable, "-W", "ignore", str(REPO / "tools" / "generate.py"),
-            "--load", str(paths["hf"]), "--gen-length", "8", "--steps", "8",
+    tool = ["--load", str(paths["hf"]), "--gen-length", "8", "--steps", "8",
             "--block-length", "4"]  # fmt: skip
 
     def run(*extra):
-        return subprocess.run(tool + list(extra), capture_output=True, text=True, cwd=REPO)
+        return run_script(REPO / "tools" / "generate.py", tool + list(extra))
 
     calibrated = run("--calibrate-loops", str(valid), "--calibration-parts", "2")
     assert calibrated.returncode == 0, calibrated.stderr[-3000:]
@@ -146,12 +145,10 @@ def test_generate_cli_calibrates_then_uses_the_schedule(tmp_path):
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"prompt": "the cat", "answer": "sat"}) + "\n"
                             for _ in range(3)))  # fmt: skip
-    scored = subprocess.run(
-        [sys.executable, "-W", "ignore", str(REPO / "tools" / "evaluate.py"), "exact-match",
-         "--load", str(paths["hf"]), "--data", str(data), "--num-loops", "1", "--adaptive-loops",
-         "--loop-stop", "argmax", "--loop-per", "sample", "--max-loops", "3",
-         "--output-dir", str(tmp_path / "eval")], capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+    scored = run_script(REPO / "tools" / "evaluate.py", [
+        "exact-match", "--load", str(paths["hf"]), "--data", str(data), "--num-loops", "1",
+        "--adaptive-loops", "--loop-stop", "argmax", "--loop-per", "sample", "--max-loops", "3",
+        "--output-dir", str(tmp_path / "eval")])  # fmt: skip
     assert scored.returncode == 0, scored.stderr[-3000:]
     (policy,) = json.loads((tmp_path / "eval" / "exact_match.json").read_text())["policy"]
     assert "argmax" in policy["policy"] and policy["total"] == 3

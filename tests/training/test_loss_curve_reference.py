@@ -73,7 +73,8 @@ def run_case(tmp_path, name: str) -> dict:
     out = tmp_path / name
     out.mkdir()
     args = [*COMMON, *extra, "--metrics-file", out / "m.jsonl", "--tensorboard-dir", out / "tb"]
-    result = run_torchrun(REPO / "pretrain_loopmdm.py", nproc, args, timeout=300)
+    # Fresh interpreters under torchrun, as when the reference was recorded.
+    result = run_torchrun(REPO / "pretrain_loopmdm.py", nproc, args, timeout=300, fresh=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     steps = [json.loads(line) for line in open(out / "m.jsonl")]
     events = EventAccumulator(str(out / "tb"))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.utils import REPO, run_torchrun
+from tests.utils import REPO, run_script, run_torchrun
 
 SCRIPT = REPO / "pretrain_loopmdm.py"
 VOCAB = 64
@@ -288,8 +288,7 @@ def test_real_data_pipeline_and_finetune(tmp_path):
     """Corpus -> tokenizer -> indexed dataset -> pre-training -> fine-tuning from its weights."""
 
     def tool(name, *args):
-        cmd = [sys.executable, str(REPO / "tools" / name), *map(str, args)]
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+        result = run_script(REPO / "tools" / name, args)
         assert result.returncode == 0, result.stderr[-3000:]
 
     corpus, tok, prefix = tmp_path / "corpus.jsonl", tmp_path / "tok", tmp_path / "data" / "c"

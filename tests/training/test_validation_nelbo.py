@@ -6,13 +6,11 @@ reads the saved megatron checkpoint back (through the Hugging Face model) and th
 """
 
 import csv
-import subprocess
-import sys
 
 import pytest
 
 from tests.inference.tiny_model import write_hf_model_with_data
-from tests.utils import REPO, run_torchrun
+from tests.utils import REPO, run_script, run_torchrun
 
 
 def test_trainer_validation_equals_the_evaluation_tool(tmp_path):
@@ -35,13 +33,11 @@ def test_trainer_validation_equals_the_evaluation_tool(tmp_path):
     [trainer] = [e.value for e in events.Scalars("validation-loss")]
 
     evaluate = [
-        sys.executable, str(REPO / "tools" / "evaluate.py"), "nelbo", "--load", tmp_path / "ckpt",
+        "nelbo", "--load", tmp_path / "ckpt",
         "--split-name", "valid", "--num-samples", eval_iters * global_batch,
         "--seq-length", seq_length, "--num-loops", 2, "--output-dir", tmp_path / "out", *data,
     ]  # fmt: skip
-    result = subprocess.run(
-        list(map(str, evaluate)), capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    result = run_script(REPO / "tools" / "evaluate.py", evaluate)
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = list(csv.DictReader(open(tmp_path / "out" / "nelbo_vs_loops.csv")))
     assert int(row["tokens"]) == eval_iters * global_batch * seq_length * 8  # 8 grid points
