@@ -3,12 +3,14 @@
     python bench/sampling_speed.py [--load HF_OR_MEGATRON_DIR [--data VALIDATION.jsonl]
         [--tokenizer DIR] [--limit N]] [--gen-lengths 64,256] [--batch-sizes 1,8]
         [--block-length 32] [--thresholds 0.9,0.95,0.99] [--max-loops 4]
-        [--loop-threshold 0.05] [--loop-modes fixed,adaptive] [--repeats 1] [--json OUT.json]
+        [--loop-threshold 0.05] [--loop-modes fixed,adaptive] [--cache-refresh-every 2]
+        [--repeats 1] [--json OUT.json]
 
 Paths: plain, threshold (parallel decoding), prefix and dual key/value caches (with threshold
 decoding, block refresh), at each threshold of the sweep, with fixed and adaptive loops, at
 each gen length / batch size (`--loop-modes fixed` alone halves a run whose plain rows are
-slow); steps = gen length, blocks of --block-length. With
+slow); steps = gen length, blocks of --block-length. With --cache-refresh-every K, also the
+prefix and dual caches refilled at every K-th step of a block (`prefix/rK`, `dual/rK`). With
 --loop-warm-start, every adaptive path is also run with the loop warm start (`+warm`), against
 the same cold plain sampler.
 
@@ -69,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--loop-threshold", type=float, default=0.05)
     parser.add_argument("--loop-modes", default="fixed,adaptive",
                         help="loop settings to run: fixed, adaptive or both")
+    parser.add_argument("--cache-refresh-every", type=int, default=None, metavar="K",
+                        help="also the caches refilled at every K-th step of a block")
     parser.add_argument("--loop-warm-start", action="store_true",
                         help="also every adaptive path with the loop warm start")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (best kept)")
@@ -222,7 +226,7 @@ def _configs(args, gen_length: int):
         paths = [("plain", None, {})] + [
             (path, threshold, {"threshold": threshold, **options})
             for threshold in args.thresholds
-            for path, options in PATHS.items()
+            for path, options in _paths(args.cache_refresh_every).items()
             if path != "plain"
         ]
         for path, threshold, options in paths:
@@ -232,6 +236,15 @@ def _configs(args, gen_length: int):
                 config = SamplerConfig(**base, **options, loop_warm_start=True)
                 configs.append((loops, f"{path}+warm", threshold, config))
     return configs
+
+
+def _paths(refresh_every) -> dict:
+    """PATHS, plus the caches refilled at every k-th step of a block when k is given."""
+    if refresh_every is None:
+        return PATHS
+    extra = {f"{path}/r{refresh_every}": {**PATHS[path], "cache_refresh_every": refresh_every}
+             for path in ("prefix", "dual")}  # fmt: skip
+    return {**PATHS, **extra}
 
 
 def measure(args, make_run, task: bool) -> list:

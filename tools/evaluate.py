@@ -11,6 +11,7 @@
     python tools/evaluate.py exact-match --load DIR --data test.jsonl [--tokenizer TOK] \
         --num-loops 1 2 4 [--gen-length N --steps N --block-length N] [--nelbo-samples 8] \
         [--threshold 0.9 | --factor 1.0] [--cache none|prefix|dual] [--cache-refresh block] \
+        [--cache-refresh-every K] \
         [--loop-warm-start] --output-dir OUT
 
 `nelbo` writes OUT/nelbo_vs_loops.{csv,md,png}: the validation NELBO per token on the trainer's
@@ -200,14 +201,14 @@ def run_exact_match(args, model) -> list:
     tokenizer = _hf_tokenizer(args)
     sampler = None
     speed = {"threshold": args.threshold, "factor": args.factor, "cache": args.cache,
-             "cache_refresh": args.cache_refresh,
+             "cache_refresh": args.cache_refresh, "cache_refresh_every": args.cache_refresh_every,
              "loop_warm_start": args.loop_warm_start}  # fmt: skip
-    fast = (args.threshold, args.factor, args.cache, args.loop_warm_start) != (
-        None, None, "none", False)  # fmt: skip
+    fast = (args.threshold, args.factor, args.cache, args.loop_warm_start,
+            args.cache_refresh_every) != (None, None, "none", False, None)  # fmt: skip
     if args.gen_length is None and fast:
         raise ValueError(
-            "--threshold, --factor, --cache and --loop-warm-start need --gen-length "
-            "(and --block-length)"
+            "--threshold, --factor, --cache(-refresh-every) and --loop-warm-start need "
+            "--gen-length (and --block-length)"
         )
     if args.gen_length is not None:
         sampler = SamplerConfig(

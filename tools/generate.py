@@ -8,6 +8,7 @@
         [--no-loop-schedule] [--temperature 0] [--seed 0] \
         [--remasking low_confidence|random|ancestral] [--cfg-scale 0] [--suppress-eos] \
         [--threshold 0.9 | --factor 1.0] [--cache none|prefix|dual] [--cache-refresh block] \
+        [--cache-refresh-every K] \
         [--loop-warm-start] [--prompts-file prompts.jsonl] [--tokenizer DIR] [--device cpu] \
         [--output out.jsonl]
 
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
             suppress_eos=args.suppress_eos, eos_token_id=tokenizer.eod,
             loops=loop_policy_from_args(args),
             threshold=args.threshold, factor=args.factor, cache=args.cache,
-            cache_refresh=args.cache_refresh, loop_warm_start=args.loop_warm_start,
+            cache_refresh=args.cache_refresh, cache_refresh_every=args.cache_refresh_every,
+            loop_warm_start=args.loop_warm_start,
         )  # fmt: skip
         model = load_for_inference(args.load, device=args.device, iteration=args.iteration)
         check_tokenizer_matches(model.config, tokenizer)

@@ -12,11 +12,13 @@ the block's time from t to s = t - 1/steps_per_block and unmasks each masked tok
 probability (t - s) / t. With parallel decoding (`threshold` or `factor`, low-confidence only)
 a step also commits every further token that passes the rule, so a block may finish early and
 `steps` becomes an upper bound. With a key/value cache (`prefix` or `dual`) only the current
-block (and, for `prefix`, the masked suffix) runs through the model at most steps. Committed
-tokens never change again; the prompt never changes. Sampling noise is float64 drawn on the CPU
-from the given generator, at the full sequence shape, so a seed gives the same tokens on any
-device and with or without a cache. A loop warm start (`loop_warm_start`) starts each pass's
-loop block from the previous pass's final loop state where the input token did not change.
+block (and, for `prefix`, the masked suffix) runs through the model at most steps (a full
+pass refills the cache when a block starts and, with `cache_refresh_every`, every k steps).
+Committed tokens never change again; the prompt never changes. Sampling noise is float64 drawn
+on the CPU from the given generator, at the full sequence shape, so a seed gives the same tokens
+on any device and with or without a cache. A loop warm start (`loop_warm_start`) starts each
+pass's loop block from the previous pass's final loop state where the input token did not
+change.
 """
 
 import dataclasses
@@ -73,6 +75,10 @@ class SamplerConfig:
     """`block`: recompute the cache by a full pass when a block starts (that pass's logits serve
     the step); `step`: a full pass before every step, then the cached pass (a check of the
     cache: it gives the uncached tokens, at two passes per step)."""
+    cache_refresh_every: Optional[int] = None
+    """With `block` refresh: also refresh at every k-th step of a block (steps k, 2k, ... after
+    its first; a full pass whose logits serve the step), so cached keys are at most k - 1 steps
+    stale. None: only when a block starts."""
     loop_warm_start: bool = False
     """Start each pass's loop block from the previous pass's final loop state at positions
     whose input token did not change (the others start as usual): adaptive loops then stop
@@ -123,6 +129,15 @@ class SamplerConfig:
             raise ValueError(
                 f"cache_refresh={self.cache_refresh!r}: choose one of {', '.join(CACHE_REFRESHES)}."
             )
+        if self.cache_refresh_every is not None:
+            k = self.cache_refresh_every
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"cache_refresh_every={k!r} must be an integer >= 1.")
+            if self.cache == "none" or self.cache_refresh != "block":
+                raise ValueError(
+                    "--cache-refresh-every refreshes a block-refreshed cache: give --cache "
+                    "prefix|dual with --cache-refresh block, or drop it."
+                )
         if self.loops.budget is not None:
             if self.cfg_scale > 0 or self.cache_refresh == "step":
                 raise ValueError(
@@ -345,8 +360,11 @@ class _Costs:
 
 
 def _stream_logits(stream: _Pass, x: Tensor, config: SamplerConfig, num_loops: int,
-                   first_step: bool, start: int, end: int, costs: _Costs):  # fmt: skip
-    """-> (logits [b, w, vocab] of the window, loops run, window (ws, we)) of one step."""
+                   refresh: bool, start: int, end: int, costs: _Costs):  # fmt: skip
+    """-> (logits [b, w, vocab] of the window, loops run, window (ws, we)) of one step.
+
+    `refresh`: the block's first step, or a step `cache_refresh_every` refreshes at.
+    """
     b, s = x.shape
     adaptive = config.loops.adaptive
     cache = stream.cache
@@ -357,7 +375,7 @@ def _stream_logits(stream: _Pass, x: Tensor, config: SamplerConfig, num_loops: i
     window = (start, s if config.cache == "prefix" else end)
     width = window[1] - window[0]
     # A cache holds one loop count's keys and values: a new fixed/scheduled count refreshes it.
-    stale = first_step or config.cache_refresh == "step"
+    stale = refresh or config.cache_refresh == "step"
     if stale or (not adaptive and cache.num_loops != num_loops):
         logits, used = stream(x, num_loops, adaptive, fill=True)
         costs.add(b, s, s, used, cache, stream.last)
@@ -460,15 +478,17 @@ def generate(
             num_loops = config.loops.loops_at(step, config.steps, default_loops)
             if config.loops.budget is not None:
                 streams[0].row_max_loops = _budget_caps(config, costs.row_loops, step, num_loops)
+            every = config.cache_refresh_every
+            refresh = j == 0 or (every is not None and j % every == 0)
             logits, used, (ws, we) = _stream_logits(
-                streams[0], x, config, num_loops, j == 0, start, end, costs
+                streams[0], x, config, num_loops, refresh, start, end, costs
             )
             loops_per_step.append(used)
             if config.cfg_scale > 0:
                 unconditional = x.clone()
                 unconditional[:, :p] = mask_token_id
                 logits_u, _, _ = _stream_logits(
-                    streams[1], unconditional, config, num_loops, j == 0, start, end, costs
+                    streams[1], unconditional, config, num_loops, refresh, start, end, costs
                 )
                 logits = logits_u + (config.cfg_scale + 1) * (logits - logits_u)
                 # -inf - (-inf) is NaN at [MASK] (SUBS): keep [MASK] impossible after guidance.

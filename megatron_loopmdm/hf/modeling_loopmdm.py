@@ -495,10 +495,10 @@ class LoopMDMForMaskedDiffusion(LoopMDMPreTrainedModel):
             loop_policy: a `LoopPolicy` (instead of `num_loops` and the loop options below);
                 with neither, the calibrated `loop_schedule` when the model has one, else S_max.
             **sampler_options: further `SamplerConfig` fields (`remasking`, `cfg_scale`,
-                `suppress_eos`, `cache_refresh`, `loop_warm_start`, ...); adaptive loops:
-                `loop_threshold`, `min_loops`, `max_loops`, `loop_stop` (state/kl/argmax),
-                `loop_per` (batch/sample/position), `loop_patience`, `loop_budget`;
-                `loop_schedule`.
+                `suppress_eos`, `cache_refresh`, `cache_refresh_every`, `loop_warm_start`, ...);
+                adaptive loops: `loop_threshold`, `min_loops`, `max_loops`, `loop_stop`
+                (state/kl/argmax), `loop_per` (batch/sample/position), `loop_patience`,
+                `loop_budget`; `loop_schedule`.
 
         Returns:
             [b, p + gen_length] int64: the prompt followed by the generated tokens.

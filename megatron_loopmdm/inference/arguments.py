@@ -70,6 +70,9 @@ def add_speed_arguments(parser) -> None:
     parser.add_argument("--cache", choices=CACHES, default="none",
                         help="key/value cache of every layer and loop")
     parser.add_argument("--cache-refresh", choices=CACHE_REFRESHES, default="block")
+    parser.add_argument("--cache-refresh-every", type=int, default=None, metavar="K",
+                        help="with --cache-refresh block: also refill the cache at every K-th "
+                        "step of a block (keys at most K - 1 steps stale)")
     parser.add_argument("--loop-warm-start", action="store_true",
                         help="start each step's loop block from the previous step's loop state "
                         "where the token did not change (adaptive loops stop earlier)")

@@ -129,3 +129,15 @@ def test_flops_speedup_uses_the_same_bar_and_baseline(bench):
     flops, flops_row = bench.qualifying_speedup(rows, task=True, measure="flops")
     assert flops == pytest.approx(4.0) and flops_row["path"] == "prefix"
     assert bench._flops_ratio(rows, best_row) == pytest.approx(1.25)
+
+
+def test_cache_refresh_every_adds_the_refilled_cache_rows(bench):
+    def rows(argv):
+        args = bench.parse_args(["--loop-modes", "fixed", "--thresholds", "0.9", *argv])
+        return {path: config for _, path, _, config in bench._configs(args, 64)}
+
+    assert set(rows([])) == {"plain", "threshold", "prefix", "dual"}
+    configs = rows(["--cache-refresh-every", "2"])
+    assert set(configs) == {"plain", "threshold", "prefix", "dual", "prefix/r2", "dual/r2"}
+    assert configs["dual/r2"].cache == "dual" and configs["dual/r2"].cache_refresh_every == 2
+    assert configs["prefix/r2"].cache == "prefix" and configs["prefix"].cache_refresh_every is None

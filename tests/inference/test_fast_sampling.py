@@ -92,6 +92,30 @@ def test_block_refreshed_cache_with_adaptive_loops_stays_within_the_cache_depth(
     assert (result.generated != trained.config.mask_token_id).all()
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_cache_refresh_every_k_refills_the_cache_at_every_kth_step_of_a_block(model, cfg_scale):
+    base = dict(gen_length=8, steps=8, block_length=4, cfg_scale=cfg_scale,
+                loops=LoopPolicy(num_loops=2))  # fmt: skip
+    plain = generate(model, PROMPTS, SamplerConfig(**base))
+    b, s = plain.tokens.shape
+    p = s - 8
+    streams = 2 if cfg_scale else 1
+    # Cached window widths of the two blocks: prefix runs block + suffix, dual the block.
+    for cache, widths in (("prefix", (s - p, s - p - 4)), ("dual", (4, 4))):
+        # k = 1: every step is a full pass whose logits serve it, i.e. the uncached sampler.
+        config = SamplerConfig(**base, cache=cache, cache_refresh_every=1)
+        every = generate(model, PROMPTS, config)
+        assert torch.equal(every.tokens, plain.tokens), cache
+        assert every.token_evaluations == plain.token_evaluations == streams * 8 * b * s
+        # Block refresh: a full pass at step 0 of a block; k = 2: at steps 0 and 2.
+        for k, full_steps in ((None, (0,)), (2, (0, 2))):
+            config = SamplerConfig(**base, cache=cache, cache_refresh_every=k)
+            result = generate(model, PROMPTS, config)
+            want = sum(s if j in full_steps else width for width in widths for j in range(4))
+            assert result.token_evaluations == streams * b * want, (cache, k)
+            assert result.forward_passes == streams * 8 and result.steps_run == 8
+
+
 def test_bad_fast_path_settings_fail_clearly(model):
     with pytest.raises(ValueError, match="low_confidence"):
         SamplerConfig(threshold=0.9, remasking="random")
@@ -101,6 +125,11 @@ def test_bad_fast_path_settings_fail_clearly(model):
         SamplerConfig(threshold=1.5)
     with pytest.raises(ValueError, match="choose one of"):
         SamplerConfig(cache="suffix")
+    with pytest.raises(ValueError, match="integer >= 1"):
+        SamplerConfig(cache="dual", cache_refresh_every=0)
+    for bad in (dict(), dict(cache="dual", cache_refresh="step")):
+        with pytest.raises(ValueError, match="block-refreshed cache"):
+            SamplerConfig(cache_refresh_every=2, **bad)
 
     def plain_callable(ids, **_):
         return torch.zeros(*ids.shape, 32)
