@@ -167,6 +167,21 @@ def test_the_large_training_set_scale_has_distinct_prompts_and_disjoint_splits(k
     assert kit.training_scale(scale) != kit.training_scale(replace(scale, train_per_level=2000))
 
 
+def test_the_small_set_addition_scale_differs_from_the_reference_only_in_size_and_steps(
+        kit_modules):
+    """`cpu-add5` (session 7's comparison) is `cpu-add5-200k` with 2,000 training examples
+    and 1,500 steps: the same task, model sizes, batch and lr, and at least 100 validation and
+    test prompts each, so one prompt is at most a point of exact match."""
+    from dataclasses import replace
+
+    kit = sys.modules["kit"]
+    scale = kit.SCALES["cpu-add5"]
+    assert scale == replace(kit.SCALES["cpu-add5-200k"], train_per_level=2000, steps=1500)
+    assert min(scale.validation_per_level, scale.test_per_level) >= 100
+    assert (scale.num_layers, scale.loop_layers, scale.max_loops) == (4, (1, 2), 3)
+    assert kit.parse_args("t", ["--scale", "cpu-add5"]).scale == scale
+
+
 def test_the_encoded_train_split_and_sequence_length_are_cached_per_data_set(tmp_path,
                                                                                kit_modules):
     """Encoding a 200k-example split once per run took minutes: both are computed once, and a
