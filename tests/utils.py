@@ -35,7 +35,7 @@ def torchrun_command(script, nproc: int, args=()) -> list[str]:
 
 
 # Launches go through a fork server by default: one process per pytest worker imports torch,
-# megatron-core, DeepSpeed's wrapper and transformers once, and forks a fresh process per rank
+# megatron-core, the trainer and transformers once, and forks a fresh process per rank
 # (real processes, real gloo, the script's real `__main__`). A fresh interpreter spends ~8-10
 # CPU-s on those imports and torchrun's agent ~3 more, which was most of the suite's CPU time.
 # Tests of torchrun itself (signals, kills) and the recorded loss-curve reference start real

@@ -229,6 +229,21 @@ def saved_iterations(root) -> list[int]:
     return sorted(int(match.group(1)) for match in found if match)
 
 
+def saved_checkpoint_dir(root, iteration: int) -> Path:
+    """The directory of `--iteration` under `root` (megatron or DeepSpeed format alike).
+
+    Raises:
+        CheckpointError: it does not exist (the message lists the saved iterations).
+    """
+    directory = checkpoint_dir(root, iteration)
+    if not directory.is_dir():
+        have = ", ".join(map(str, saved_iterations(root))) or "none"
+        raise CheckpointError(
+            f"--iteration {iteration}: {directory} does not exist (saved iterations: {have})."
+        )
+    return directory
+
+
 def _warn(message: str) -> None:
     if _is_rank0():
         print(f"WARNING: {message}", flush=True)
@@ -246,13 +261,7 @@ def select_checkpoint(root, iteration: Optional[int] = None) -> Optional[int]:
         UnsafeCheckpointError: a `.metadata` names code (never skipped: it is tampering).
     """
     if iteration is not None:
-        directory = checkpoint_dir(root, iteration)
-        if not directory.is_dir():
-            have = ", ".join(map(str, saved_iterations(root))) or "none"
-            raise CheckpointError(
-                f"--iteration {iteration}: {directory} does not exist (saved iterations: {have})."
-            )
-        _check_or_raise(directory)
+        _check_or_raise(saved_checkpoint_dir(root, iteration))
         return iteration
     candidates = saved_iterations(root)
     marked = latest_iteration(root)

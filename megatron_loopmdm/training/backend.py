@@ -194,12 +194,7 @@ class DeepSpeedBackend(Backend):
         if not os.path.isfile(marker):
             return None
         if iteration is not None:
-            if not ckpt.checkpoint_dir(root, iteration).is_dir():
-                have = ", ".join(map(str, ckpt.saved_iterations(root))) or "none"
-                raise ckpt.CheckpointError(
-                    f"--iteration {iteration}: {ckpt.checkpoint_dir(root, iteration)} does not "
-                    f"exist (saved iterations: {have})."
-                )
+            ckpt.saved_checkpoint_dir(root, iteration)  # or an error listing the saved ones
             return iteration
         return int(open(marker).read().strip().removeprefix("iter_"))
 
