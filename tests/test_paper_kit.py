@@ -234,3 +234,45 @@ def test_validation_pilot_scores_the_validation_split_only(tmp_path, kit_modules
     assert not sampled & {r["prompt"] for r in read_examples(data / "test.jsonl")}
     sys.modules.pop("validation_pilot", None)
     sys.modules.pop("compare_models", None)
+
+
+def test_loop_convergence_trains_each_option_with_the_products_command(tmp_path, kit_modules):
+    """Issue #12, Build 2: an option variant reaches pretrain_loopmdm.py as its flag (read back
+    from the checkpoint's loop_config), is scored at S = 1 .. 2 S_max, and the per-variant
+    measures are the ones its by-loops scores give."""
+    sys.modules.pop("loop_convergence", None)
+    import loop_convergence
+
+    argv = ["--smoke", "--seeds", "0", "--work-dir", str(tmp_path), "--variants", "state-noise"]
+    assert loop_convergence.main(argv) == 0
+    ckpt = tmp_path / "runs" / "state-noise-cli-seed0-steps3" / "ckpt" / "iter_0000003"
+    loop_config = json.loads((ckpt / "run_config.json").read_text())["loop_config"]
+    assert loop_config["state_noise"] == 0.1 and loop_config["intermediate_loss_weight"] == 0.0
+    curve = json.loads((tmp_path / "loop_convergence_by_loops.json").read_text())
+    assert [r["num_loops"] for r in curve] == [1, 2, 3, 4]  # smoke S_max = 2
+    at = {r["num_loops"]: r for r in curve}
+    (row,) = json.loads((tmp_path / "loop_convergence_per_seed.json").read_text())
+    assert row["val_exact_drop"] == at[2]["val_exact_match"] - min(at[3]["val_exact_match"],
+                                                                   at[4]["val_exact_match"])
+    assert row["nelbo_rise"] == pytest.approx(max(at[3]["val_nelbo"], at[4]["val_nelbo"])
+                                              - at[2]["val_nelbo"])  # fmt: skip
+    assert row["change_ratio"] == pytest.approx(at[4]["state_change"] / at[2]["state_change"])
+    assert row["test_exact_2smax"] == at[4]["test_exact_match"]
+    for png in ("val_exact_match", "val_nelbo", "state_change"):
+        assert (tmp_path / f"loop_convergence_{png}.png").stat().st_size > 0
+    sys.modules.pop("loop_convergence", None)
+
+
+def test_trainer_only_options_refuse_the_in_process_trainer(tmp_path, kit_modules):
+    """The in-process trainer has no loop-state noise: a variant that needs it is refused
+    before any training, not trained without it."""
+    from dataclasses import replace
+
+    kit = sys.modules["kit"]
+    scale = replace(kit.SCALES["smoke"], steps=1)
+    paths = kit.prepare_data(tmp_path, scale)
+    spec = kit.ModelSpec("noisy", scale.num_layers, scale.loop_layers, scale.max_loops,
+                         trainer_flags=("--loop-state-noise", 0.1))  # fmt: skip
+    with pytest.raises(SystemExit, match="--loop-state-noise 0.1: options of pretrain_loopmdm"):
+        kit.train(spec, scale, paths, tmp_path, 0, 1)
+    assert not (tmp_path / "runs").exists()

@@ -112,10 +112,14 @@ class ModelSpec:
     max_loops: int
     options: Dict = field(default_factory=dict)
     """Extra `LoopMDMConfig` fields (loop_input_injection, loop_embedding)."""
+    trainer_flags: tuple = ()
+    """Training-only options as `pretrain_loopmdm.py` flags (`--loop-state-noise 0.1`, ...):
+    they change training, not the model, and only the product's trainer has them."""
 
 
-def parse_args(description: str, argv=None, add_arguments=None):
-    """The scripts' shared flags; `add_arguments(parser)` adds a script's own."""
+def parse_args(description: str, argv=None, add_arguments=None, trainer="in-process"):
+    """The scripts' shared flags; `add_arguments(parser)` adds a script's own; `trainer` is
+    the --trainer default."""
     parser = argparse.ArgumentParser(description=description)
     if add_arguments is not None:
         add_arguments(parser)
@@ -127,7 +131,7 @@ def parse_args(description: str, argv=None, add_arguments=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps (LoopMDM)")
     parser.add_argument("--trainer", choices=["in-process", "pretrain_loopmdm"],
-                        default="in-process", help="pretrain_loopmdm: the product's --sft "
+                        default=trainer, help="pretrain_loopmdm: the product's --sft "
                         "command (tools/preprocess_sft.py, torchrun, conversion to HF)")
     args = parser.parse_args(argv)
     scale = SCALES["smoke" if args.smoke else args.scale]
@@ -283,6 +287,9 @@ def train(spec: ModelSpec, scale: Scale, paths: Dict, work: Path, seed: int, ste
         record = json.loads(record_path.read_text())
         check_cached_scale(run_dir, record.get("scale"), training_scale(scale))
         return _with_model_dir(record, run_dir)
+    if spec.trainer_flags and scale.trainer != "pretrain_loopmdm":
+        raise SystemExit(f"{spec.name} trains with {' '.join(map(str, spec.trainer_flags))}: "
+                         "options of pretrain_loopmdm.py only (use --trainer pretrain_loopmdm)")
     if scale.trainer == "pretrain_loopmdm":
         return _train_with_pretrain_loopmdm(spec, scale, paths, run_dir, seed, steps)
     tokenizer = _tokenizer(paths)
@@ -395,7 +402,8 @@ def _train_with_pretrain_loopmdm(spec, scale, paths, run_dir: Path, seed: int, s
           "--global-batch-size", scale.batch_size, "--train-iters", steps, "--lr", scale.lr,
           "--min-lr", scale.lr * 0.1, "--lr-warmup-iters", max(1, steps // 20),
           "--weight-decay", 0.0, "--clip-grad", 1.0, "--seed", seed, "--device", "cpu",
-          "--log-interval", max(1, steps // 10), "--save", run_dir / "ckpt"])  # fmt: skip
+          "--log-interval", max(1, steps // 10), "--save", run_dir / "ckpt",
+          *spec.trainer_flags])  # fmt: skip
     _run([sys.executable, REPO / "tools" / "convert_checkpoint_to_hf.py", "--load",
           run_dir / "ckpt", "--save", run_dir / "hf", "--tokenizer", paths["tokenizer"]])
     config = model_config(spec, scale, _tokenizer(paths))
@@ -428,11 +436,13 @@ def _cached(out: Path, kind: str, num_loops: Sequence[int], compute) -> Dict[int
     return {s: have[s] for s in num_loops}
 
 
-def exact_match(run: Dict, paths: Dict, num_loops: Sequence[int], out: Path) -> Dict[int, float]:
-    """`tools/evaluate.py exact-match` on the test split -> {S: exact match over all tasks}."""
+def exact_match(run: Dict, paths: Dict, num_loops: Sequence[int], out: Path,
+                split: str = "test") -> Dict[int, float]:  # fmt: skip
+    """`tools/evaluate.py exact-match` on the test (or validation) split -> {S: exact match over
+    all tasks}."""
 
     def compute():
-        argv = ["exact-match", "--load", run["dir"], "--data", str(paths["test"]),
+        argv = ["exact-match", "--load", run["dir"], "--data", str(paths[split]),
                 "--num-loops", *map(str, num_loops), "--output-dir", str(out)]  # fmt: skip
         if _evaluate_tool().main(argv) != 0:
             raise RuntimeError(f"tools/evaluate.py {' '.join(argv)} failed")
@@ -440,7 +450,8 @@ def exact_match(run: Dict, paths: Dict, num_loops: Sequence[int], out: Path) -> 
         return {r["num_loops"]: r["exact_match"] for r in rows
                 if r["task"] == r["difficulty"] == "all"}  # fmt: skip
 
-    return _cached(out, "exact_match", num_loops, compute)
+    kind = "exact_match" if split == "test" else f"{split}_exact_match"
+    return _cached(out, kind, num_loops, compute)
 
 
 def validation_nelbo(run: Dict, paths: Dict, num_loops, scale, out: Path) -> Dict[int, float]:
