@@ -37,9 +37,17 @@ def test_speed_flags_reach_the_sampler(tmp_path, data):
     plain, plain_texts = _exact_match(data, tmp_path / "plain")
     checked, checked_texts = _exact_match(data, tmp_path / "step", "--cache", "prefix",
                                           "--cache-refresh", "step")  # fmt: skip
+    every, every_texts = _exact_match(data, tmp_path / "every", "--cache", "dual",
+                                      "--cache-refresh-every", "1")  # fmt: skip
     fast, _ = _exact_match(data, tmp_path / "fast", "--threshold", "1e-9", "--loop-warm-start")
     settings = (checked["cache"], checked["cache_refresh"], fast["threshold"])
     assert settings == ("prefix", "step", 1e-9)
+    assert (every["cache"], every["cache_refresh_every"], plain["cache_refresh_every"]) == (
+        "dual", 1, None)
+    # Refilled at every step of a block, the dual cache is never stale: the uncached tokens at
+    # the uncached cost (block refresh alone would evaluate fewer tokens).
+    assert every_texts == plain_texts
+    assert every["policy"][0]["model_flops"] == plain["policy"][0]["model_flops"]
     assert (plain["loop_warm_start"], fast["loop_warm_start"]) == (False, True)
     # A cache refreshed before every step gives the uncached tokens, at two passes per step.
     assert checked_texts == plain_texts
