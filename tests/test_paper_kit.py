@@ -56,6 +56,8 @@ def _run_all(tmp_path, kit_modules):
     assert {"loopmdm", "inject-add", "inject-concat", "loop-embedding"} <= variants
     assert any(v.startswith("span-") for v in variants)
     options = json.loads((tmp_path / "loop_span_and_options.json").read_text())
+    per_seed = json.loads((tmp_path / "loop_span_and_options_per_seed.json").read_text())
+    assert sorted(r["seed"] for r in per_seed) == sorted([0, 1] * len(options))
     assert all(0 <= r["exact_match_2smax"] <= 1 and r["state_change_2smax"] >= 0
                for r in options)  # fmt: skip
     attention = json.loads((tmp_path / "mask_attention.json").read_text())

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     kit.report(rows, list(rows[0]), args.output_dir, "compare_models_per_seed")
     kit.report(summary, columns, args.output_dir, "compare_models")
     kit.plot(summary, "model", "exact_match", "regime", args.output_dir / "compare_models.png",
-             "test exact match (all tasks)")  # fmt: skip
+             "test exact match (all tasks)", per_seed=rows)  # fmt: skip
     return 0
 
 

@@ -517,8 +517,11 @@ def report(rows: List[Dict], columns: Sequence[str], out: Path, name: str) -> st
     return table
 
 
-def plot(summary: List[Dict], x: str, y: str, series: str, path: Path, title: str) -> None:
-    """Mean +- std over seeds of y against x, one line per series value (PNG)."""
+def plot(summary: List[Dict], x: str, y: str, series: str, path: Path, title: str,
+         per_seed: Sequence[Dict] = ()) -> None:  # fmt: skip
+    """Mean +- std over seeds of y against x, one line per series value (PNG), and each seed's
+    value of `per_seed` rows as a dot of its line's colour: at CPU scale a seed either learns
+    the task or not, and a mean with a wide bar hides which."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -527,11 +530,16 @@ def plot(summary: List[Dict], x: str, y: str, series: str, path: Path, title: st
     figure, axes = plt.subplots(figsize=(5.5, 3.8))
     for value in dict.fromkeys(r[series] for r in summary):
         points = [r for r in summary if r[series] == value]
-        axes.errorbar([r[x] for r in points], [r[y] for r in points],
-                      yerr=[r[f"{y}_std"] for r in points], marker="o", capsize=3,
-                      label=str(value))  # fmt: skip
+        line = axes.errorbar([r[x] for r in points], [r[y] for r in points],
+                             yerr=[r[f"{y}_std"] for r in points], marker="o", capsize=3,
+                             label=str(value))  # fmt: skip
+        seeds = [r for r in per_seed if r[series] == value]
+        if seeds:
+            axes.scatter([r[x] for r in seeds], [r[y] for r in seeds], s=14, alpha=0.45,
+                         color=line.lines[0].get_color(), zorder=3)  # fmt: skip
     axes.set_xlabel(x)
-    axes.set_ylabel(f"{y} (mean +- std over seeds)")
+    axes.set_ylabel(f"{y} (mean +- std; dots: seeds)" if per_seed else
+                    f"{y} (mean +- std over seeds)")  # fmt: skip
     axes.set_title(title)
     axes.legend(fontsize="small")
     figure.tight_layout()

@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     for metric in ("val_exact_match", "val_nelbo", "state_change"):
         kit.plot(by_s, "num_loops", metric, "variant",
                  args.output_dir / f"loop_convergence_{metric}.png",
-                 f"{metric} vs inference loops (trained S_max={s_max})")  # fmt: skip
+                 f"{metric} vs inference loops (trained S_max={s_max})",
+                 per_seed=curves)  # fmt: skip
     return 0
 
 

@@ -58,11 +58,13 @@ def main(argv=None) -> int:
                "exact_match_min", "exact_match_max", "val_nelbo", "val_nelbo_std",
                "exact_match_2smax", "exact_match_2smax_std", "val_nelbo_2smax",
                "state_change_2smax", "state_change_2smax_std"]  # fmt: skip
+    kit.report(rows, list(rows[0]), args.output_dir, "loop_span_and_options_per_seed")
     kit.report(summary, columns, args.output_dir, "loop_span_and_options")
-    for r in summary:
+    for r in summary + rows:
         r["all"] = "variants"
     kit.plot(summary, "variant", "exact_match", "all",
-             args.output_dir / "loop_span_and_options.png", "test exact match at S = S_max")
+             args.output_dir / "loop_span_and_options.png", "test exact match at S = S_max",
+             per_seed=rows)  # fmt: skip
     return 0
 
 

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     for metric in ("exact_match", "val_nelbo", "state_change"):
         kit.plot(summary, "num_loops", metric, "model",
                  args.output_dir / f"loops_sweep_{metric}.png",
-                 f"{metric} vs inference loops (trained S_max={scale.max_loops})")  # fmt: skip
+                 f"{metric} vs inference loops (trained S_max={scale.max_loops})",
+                 per_seed=rows)  # fmt: skip
     return 0
 
 

@@ -48,8 +48,9 @@ def main(argv=None) -> int:
     columns = ["num_loops", "loop", "seeds", "share", "share_std", "mask_fraction"]
     kit.report(summary, columns, args.output_dir, "mask_attention")
     last = [dict(r, which="last loop") for r in summary if r["loop"] == r["num_loops"]]
+    seeds = [dict(r, which="last loop") for r in rows if r["loop"] == r["num_loops"]]
     kit.plot(last, "num_loops", "share", "which", args.output_dir / "mask_attention.png",
-             f"mask-to-mask attention share, loop block, t={t}")
+             f"mask-to-mask attention share, loop block, t={t}", per_seed=seeds)
     return 0
 
 
