@@ -1,5 +1,6 @@
 """`make quickstart`'s pipeline at a smaller size: every stage's output, checked."""
 
+import csv
 import json
 import math
 import subprocess
@@ -41,3 +42,22 @@ def test_quickstart_pipeline_small(tmp_path):
         assert len(rows) == 2
         assert all(isinstance(row["completion"], str) and row["completion"] for row in rows)
     assert not math.isnan(losses[-1])
+    # What looping did: the NELBO table of stage 5 and the costs of stage 7's two logs, as read.
+    summary = result.stdout[result.stdout.index("what looping did in this run:"):]
+    with open(work / "eval" / "nelbo_vs_loops.csv") as f:
+        nelbo = {int(r["num_loops"]): float(r["nelbo"]) for r in csv.DictReader(f)}
+    assert sorted(nelbo) == [1, 2, 3, 4, 5, 6]
+    assert "  ".join(f"{s}: {v:.3f}" for s, v in sorted(nelbo.items())) in summary
+    assert f"best at S = {min(nelbo, key=nelbo.get)}; trained S_max = 3" in summary
+    rises = max(nelbo[4], nelbo[5], nelbo[6]) > nelbo[3]
+    assert ("past S_max it rises" in summary) == rises
+    costs = {}
+    for log in ("7a", "7b"):
+        lines = (work / "logs" / f"{log}.log").read_text().splitlines()
+        costs[log] = [x.split()[2] for x in lines if x.startswith(("loop evaluations: ",
+                                                                    "model FLOPs: "))]
+    fixed, adaptive = costs["7a"], costs["7b"]
+    assert int(fixed[0]) == 3 * 32  # S_max loops in each of the 32 steps of one batch
+    assert f"sampling: fixed {fixed[0]} loop evaluations" in summary
+    assert f"adaptive {adaptive[0]} loop evaluations" in summary
+    assert f"{int(adaptive[0]) / int(fixed[0]):.2f}x the loop evaluations" in summary

@@ -14,6 +14,7 @@ Every stage is a subprocess of the same command a user would type; nothing is sp
 """
 
 import argparse
+import csv
 import os
 import shutil
 import subprocess
@@ -147,6 +148,8 @@ def main() -> None:
         "--output", work / "samples_adaptive.jsonl",
     ], logs / "7b.log")  # fmt: skip
 
+    print("\n" + loops_summary(work / "eval" / "nelbo_vs_loops.csv", logs / "7a.log",
+                               logs / "7b.log"))  # fmt: skip
     print(f"\nquickstart finished in {time.time() - begin:.0f} s. Written:")
     for path, what in [
         (corpus, "synthetic corpus (JSON lines)"),
@@ -161,6 +164,40 @@ def main() -> None:
         (logs, "the log of every stage"),
     ]:
         print(f"  {what:<58} {path}")
+
+
+def _sampling_cost(log: Path) -> tuple:
+    """(loop evaluations, model FLOPs) from a tools/generate.py log."""
+    lines = log.read_text().splitlines()
+    evaluations = next(x for x in lines if x.startswith("loop evaluations: "))
+    flops = next(x for x in lines if x.startswith("model FLOPs: "))
+    return int(evaluations.split()[2]), float(flops.split()[2])
+
+
+def loops_summary(nelbo_csv: Path, fixed_log: Path, adaptive_log: Path) -> str:
+    """What looping did on this run, from stage 5's table and stage 7's logs: the validation
+    NELBO against S (does looping past the trained S_max hurt?) and the adaptive sample's loop
+    evaluations and FLOPs against the fixed one's (do its probes cost more than they save?)."""
+    with open(nelbo_csv) as f:
+        rows = list(csv.DictReader(f))
+    nelbo = {int(r["num_loops"]): float(r["nelbo"]) for r in rows}
+    at_max = nelbo[MAX_LOOPS]
+    beyond = max(nelbo[s] for s in nelbo if s > MAX_LOOPS)
+    best = min(nelbo, key=nelbo.get)
+    verdict = (f"past S_max it rises, by up to {beyond - at_max:+.3f}: this model does not "
+               "extrapolate beyond its trained loops" if beyond > at_max else
+               "past S_max it does not worsen")  # fmt: skip
+    fixed, adaptive = _sampling_cost(fixed_log), _sampling_cost(adaptive_log)
+    cost = (f"{adaptive[0] / fixed[0]:.2f}x the loop evaluations and "
+            f"{adaptive[1] / fixed[1]:.2f}x the FLOPs of fixed S = {MAX_LOOPS}")
+    return "\n".join([
+        "what looping did in this run:",
+        "  validation NELBO by loop count S: "
+        + "  ".join(f"{s}: {v:.3f}" for s, v in sorted(nelbo.items())),
+        f"  best at S = {best}; trained S_max = {MAX_LOOPS}; {verdict}",
+        f"  sampling: fixed {fixed[0]} loop evaluations, {fixed[1]:.3g} FLOPs; adaptive "
+        f"{adaptive[0]} loop evaluations, {adaptive[1]:.3g} FLOPs ({cost})",
+    ])  # fmt: skip
 
 
 if __name__ == "__main__":
