@@ -278,3 +278,17 @@ def test_trainer_only_options_refuse_the_in_process_trainer(tmp_path, kit_module
     with pytest.raises(SystemExit, match="--loop-state-noise 0.1: options of pretrain_loopmdm"):
         kit.train(spec, scale, paths, tmp_path, 0, 1)
     assert not (tmp_path / "runs").exists()
+
+
+def test_loop_span_and_options_trains_only_the_chosen_variants(kit_modules):
+    """`--only` picks variants beside the default LoopMDM; a span equal to the default's is
+    the default itself, not trained twice."""
+    kit, module = sys.modules["kit"], kit_modules["loop_span_and_options"]
+    scale = kit.SCALES["cpu-add5"]  # 4 layers, loop span (1, 2): the middle span is the default
+    args = module.kit.parse_args("t", ["--only", "late", "middle", "loop-embedding"],
+                                 module._arguments)  # fmt: skip
+    chosen = module.variants(scale, args.only)
+    assert [(s.name, s.loop_layers, s.options) for s in chosen] == [
+        ("loopmdm", (1, 2), {}), ("span-late2-3", (2, 3), {}),
+        ("loop-embedding", (1, 2), {"loop_embedding": True})]
+    assert len(module.variants(scale)) == 6  # early, late, 2 injections, embedding + default

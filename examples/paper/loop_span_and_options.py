@@ -1,7 +1,8 @@
 """Which span to loop (early / middle / late) and the loop options (input injection add and
 concat, loop-index embedding), against the default LoopMDM, on the reasoning suite.
 
-    python examples/paper/loop_span_and_options.py [--smoke] [--work-dir runs/paper]
+    python examples/paper/loop_span_and_options.py [--smoke] [--work-dir runs/paper] \
+        [--only early late inject-add ...]
 
 Every variant has the same layers and S_max and trains for the same steps; test exact match and
 validation answer NELBO at S = S_max and at 2 S_max (do more loops than trained hurt?), and the
@@ -13,8 +14,16 @@ in the GPU-scale commands (docs/paper_reproduction.md), not in this in-process C
 
 import kit
 
+VARIANTS = ("early", "middle", "late", "inject-add", "inject-concat", "loop-embedding")
 
-def variants(scale):
+
+def _arguments(parser):
+    parser.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="train and score these variants beside the default LoopMDM (a "
+                        "span equal to the default's is the default itself)")
+
+
+def variants(scale, only=VARIANTS):
     layers, (start, end) = scale.num_layers, scale.loop_layers
     k = end - start
     # The last layer always stays in the coda (it feeds the output layer).
@@ -22,7 +31,7 @@ def variants(scale):
              "late": (layers - 1 - k, layers - 1)}  # fmt: skip
     out, seen = [kit.ModelSpec("loopmdm", layers, scale.loop_layers, scale.max_loops)], set()
     for name, span in spans.items():
-        if tuple(span) != tuple(scale.loop_layers) and span not in seen:
+        if name in only and tuple(span) != tuple(scale.loop_layers) and span not in seen:
             seen.add(span)
             out.append(kit.ModelSpec(f"span-{name}{span[0]}-{span[1]}", layers, span,
                                      scale.max_loops))  # fmt: skip
@@ -30,17 +39,18 @@ def variants(scale):
                "inject-concat": {"loop_input_injection": "concat"},
                "loop-embedding": {"loop_embedding": True}}  # fmt: skip
     for name, extra in options.items():
-        out.append(kit.ModelSpec(name, layers, scale.loop_layers, scale.max_loops, extra))
+        if name in only:
+            out.append(kit.ModelSpec(name, layers, scale.loop_layers, scale.max_loops, extra))
     return out
 
 
 def main(argv=None) -> int:
-    args = kit.parse_args(__doc__.splitlines()[0], argv)
+    args = kit.parse_args(__doc__.splitlines()[0], argv, _arguments)
     scale, work = args.scale, args.work_dir
     paths = kit.prepare_data(work, scale)
     rows = []
     for seed in scale.seeds:
-        for spec in variants(scale):
+        for spec in variants(scale, args.only):
             run = kit.train(spec, scale, paths, work, seed, scale.steps)
             out = work / "eval" / f"{spec.name}-seed{seed}-steps{scale.steps}"
             s, s2 = spec.max_loops, 2 * spec.max_loops
