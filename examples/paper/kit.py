@@ -546,3 +546,11 @@ def plot(summary: List[Dict], x: str, y: str, series: str, path: Path, title: st
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_against_loops(summary: List[Dict], per_seed: Sequence[Dict], metrics: Sequence[str],
+                       series: str, out: Path, name: str, max_loops: int) -> None:  # fmt: skip
+    """`plot` of each metric against the inference loop count S: OUT/name_METRIC.png."""
+    for metric in metrics:
+        plot(summary, "num_loops", metric, series, out / f"{name}_{metric}.png",
+             f"{metric} vs inference loops (trained S_max={max_loops})", per_seed=per_seed)

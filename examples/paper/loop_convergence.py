@@ -94,11 +94,8 @@ def main(argv=None) -> int:
     kit.report(by_s, ["variant", "num_loops", "seeds", "val_exact_match", "val_exact_match_std",
                       "test_exact_match", "val_nelbo", "state_change"],
                args.output_dir, "loop_convergence_by_loops")  # fmt: skip
-    for metric in ("val_exact_match", "val_nelbo", "state_change"):
-        kit.plot(by_s, "num_loops", metric, "variant",
-                 args.output_dir / f"loop_convergence_{metric}.png",
-                 f"{metric} vs inference loops (trained S_max={s_max})",
-                 per_seed=curves)  # fmt: skip
+    kit.plot_against_loops(by_s, curves, ["val_exact_match", "val_nelbo", "state_change"],
+                           "variant", args.output_dir, "loop_convergence", s_max)  # fmt: skip
     return 0
 
 

@@ -33,11 +33,8 @@ def main(argv=None) -> int:
                "exact_match_max", "val_nelbo", "val_nelbo_std", "state_change",
                "state_change_std"]  # fmt: skip
     kit.report(summary, columns, args.output_dir, "loops_sweep")
-    for metric in ("exact_match", "val_nelbo", "state_change"):
-        kit.plot(summary, "num_loops", metric, "model",
-                 args.output_dir / f"loops_sweep_{metric}.png",
-                 f"{metric} vs inference loops (trained S_max={scale.max_loops})",
-                 per_seed=rows)  # fmt: skip
+    kit.plot_against_loops(summary, rows, ["exact_match", "val_nelbo", "state_change"], "model",
+                           args.output_dir, "loops_sweep", scale.max_loops)  # fmt: skip
     return 0
 
 
